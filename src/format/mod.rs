@@ -1,0 +1,77 @@
+//! The on-disk format, version 1: segment headers and records. This is the
+//! only code that knows byte offsets; everything else calls these encoders and
+//! decoders. Decoders are total: they check every length against what remains
+//! and return a [`FormatError`], never panic. See DESIGN.md for the diagrams.
+
+mod record;
+mod segment;
+
+pub use record::{
+    APPLIED_LEN, FLAG_APPLIED, OP_HEADER_LEN, Op, OpIter, OpKind, RECORD_HEADER_LEN, Record,
+    RecordBuilder, RecordHeader, RecordKind, decode_header, decode_op, decode_record,
+};
+pub use segment::{FORMAT_VERSION, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SegmentHeader, SegmentKind};
+
+/// Why bytes failed to decode. Callers attach the file and offset.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// Fewer bytes remain than the structure needs.
+    #[error("truncated: needs {needed} bytes, {available} remain")]
+    Truncated {
+        /// Bytes the structure needs.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// A segment file does not start with the segment magic.
+    #[error("bad segment magic")]
+    BadMagic,
+    /// A segment header's checksum does not match.
+    #[error("segment header checksum mismatch")]
+    BadSegmentHeaderChecksum,
+    /// A segment was written by another format version.
+    #[error("unsupported format version {0}")]
+    UnsupportedVersion(u16),
+    /// A segment header names a kind this version does not know.
+    #[error("unknown segment kind {0}")]
+    UnknownSegmentKind(u16),
+    /// A record header's checksum does not match.
+    #[error("record header checksum mismatch")]
+    BadHeaderChecksum,
+    /// A record payload's checksum does not match.
+    #[error("record payload checksum mismatch")]
+    BadPayloadChecksum,
+    /// An operation's checksum does not match.
+    #[error("operation checksum mismatch")]
+    BadOpChecksum,
+    /// A record kind this version does not know.
+    #[error("unknown record kind {0}")]
+    UnknownRecordKind(u8),
+    /// An operation kind this version does not know.
+    #[error("unknown operation kind {0}")]
+    UnknownOpKind(u8),
+    /// A reserved field or flag bit is not zero.
+    #[error("reserved field is not zero")]
+    NonZeroReserved,
+    /// A field holds a value its structure forbids.
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+}
+
+/// Most bytes a record can add around its operations (segment header,
+/// record header, applied number); used to size `max_batch_bytes`.
+pub const fn max_overhead() -> u64 {
+    (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + APPLIED_LEN) as u64
+}
+
+/// Reads `N` bytes at `at`, or reports how many were missing.
+pub(crate) fn take<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N], FormatError> {
+    at.checked_add(N)
+        .and_then(|end| buf.get(at..end))
+        .and_then(|s| s.try_into().ok())
+        .ok_or(FormatError::Truncated {
+            needed: (at as u64).saturating_add(N as u64),
+            available: buf.len() as u64,
+        })
+}

@@ -1,0 +1,493 @@
+//! Records: one atomic batch of operations, framed and checksummed.
+//!
+//! ```text
+//! record header (40 bytes)
+//! 0          4             8             12     13      14         16         20         24              32                40
+//! | hdr crc  | payload len | payload crc | kind | flags | reserved | op count | reserved | change number | synced position |
+//! | u32      | u32         | u32         | u8   | u8    | u16 = 0  | u32      | u32 = 0  | u64           | u64             |
+//!   crc32 of bytes 4..40, so no length is trusted before it is verified
+//!
+//! payload (payload len bytes, crc32 = payload crc)
+//! [applied change number: u64, only when flags & FLAG_APPLIED]
+//! op count operations, each:
+//! 0         4      5          6         8           12          20
+//! | op crc  | kind | reserved | key len | value len | expire ts | key | value |
+//! | u32     | u8   | u8 = 0   | u16     | u32       | u64       |     |       |
+//!   crc32 of bytes 4..end of the operation, so a point read verifies alone
+//! ```
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use super::{FormatError, take};
+
+/// Length of the record header in bytes.
+pub const RECORD_HEADER_LEN: usize = SYNCED + 8;
+/// Length of an operation's fixed header in bytes.
+pub const OP_HEADER_LEN: usize = OP_EXPIRE + 8;
+/// Length of the optional applied-change-number field.
+pub const APPLIED_LEN: usize = 8;
+/// Flag: the payload starts with the master's applied change number.
+pub const FLAG_APPLIED: u8 = 1;
+
+const HDR_CRC: usize = 0;
+const PAYLOAD_LEN: usize = HDR_CRC + 4;
+const PAYLOAD_CRC: usize = PAYLOAD_LEN + 4;
+const KIND: usize = PAYLOAD_CRC + 4;
+const FLAGS: usize = KIND + 1;
+const RESERVED16: usize = FLAGS + 1;
+const OP_COUNT: usize = RESERVED16 + 2;
+const RESERVED32: usize = OP_COUNT + 4;
+const CHANGE_NUMBER: usize = RESERVED32 + 4;
+const SYNCED: usize = CHANGE_NUMBER + 8;
+
+const OP_CRC: usize = 0;
+const OP_KIND: usize = OP_CRC + 4;
+const OP_RESERVED: usize = OP_KIND + 1;
+const OP_KEY_LEN: usize = OP_RESERVED + 1;
+const OP_VALUE_LEN: usize = OP_KEY_LEN + 2;
+const OP_EXPIRE: usize = OP_VALUE_LEN + 4;
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A batch of put and delete operations applied atomically.
+    Batch = 1,
+}
+
+/// What one operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Associates the key with the value and expiry.
+    Put = 1,
+    /// Removes the key.
+    Delete = 2,
+}
+
+/// One decoded operation, borrowing from the record's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op<'a> {
+    /// Put or delete.
+    pub kind: OpKind,
+    /// The key.
+    pub key: &'a [u8],
+    /// The value (empty for a delete).
+    pub value: &'a [u8],
+    /// Absolute expiry in Unix seconds, 0 = never (0 for a delete).
+    pub expire_ts: u64,
+}
+
+/// The decoded, verified record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Payload length in bytes.
+    pub payload_len: u32,
+    /// crc32 of the payload.
+    pub payload_crc: u32,
+    /// Record kind.
+    pub kind: RecordKind,
+    /// Flag bits ([`FLAG_APPLIED`]).
+    pub flags: u8,
+    /// Number of operations in the payload.
+    pub op_count: u32,
+    /// The record's change number: the logical log position at its end.
+    pub change_number: u64,
+    /// A log position known durable when the record was written.
+    pub synced_position: u64,
+}
+
+impl RecordHeader {
+    /// Whole record length (header plus payload) in bytes.
+    pub fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.payload_len)
+    }
+}
+
+/// Decodes and verifies a record header at the start of `buf`.
+pub fn decode_header(buf: &[u8]) -> Result<RecordHeader, FormatError> {
+    let b: [u8; RECORD_HEADER_LEN] = take(buf, 0)?;
+    if crc32fast::hash(&b[PAYLOAD_LEN..]) != LE::read_u32(&b[HDR_CRC..]) {
+        return Err(FormatError::BadHeaderChecksum);
+    }
+    if LE::read_u16(&b[RESERVED16..]) != 0 || LE::read_u32(&b[RESERVED32..]) != 0 {
+        return Err(FormatError::NonZeroReserved);
+    }
+    let kind = match b[KIND] {
+        1 => RecordKind::Batch,
+        other => return Err(FormatError::UnknownRecordKind(other)),
+    };
+    let flags = b[FLAGS];
+    if flags & !FLAG_APPLIED != 0 {
+        return Err(FormatError::NonZeroReserved);
+    }
+    let header = RecordHeader {
+        payload_len: LE::read_u32(&b[PAYLOAD_LEN..]),
+        payload_crc: LE::read_u32(&b[PAYLOAD_CRC..]),
+        kind,
+        flags,
+        op_count: LE::read_u32(&b[OP_COUNT..]),
+        change_number: LE::read_u64(&b[CHANGE_NUMBER..]),
+        synced_position: LE::read_u64(&b[SYNCED..]),
+    };
+    let min_payload = if flags & FLAG_APPLIED != 0 {
+        APPLIED_LEN
+    } else {
+        0
+    };
+    if (header.payload_len as usize) < min_payload {
+        return Err(FormatError::Invalid(
+            "payload shorter than its applied field",
+        ));
+    }
+    if header.synced_position > header.change_number {
+        return Err(FormatError::Invalid(
+            "synced position beyond the record's end",
+        ));
+    }
+    Ok(header)
+}
+
+/// A verified record borrowing from the bytes it was decoded from.
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    /// The header.
+    pub header: RecordHeader,
+    /// The master's applied change number, for records written by an applier.
+    pub applied: Option<u64>,
+    bytes: &'a [u8],
+    ops_start: usize,
+}
+
+impl<'a> Record<'a> {
+    /// The operations, in order, each with its offset from the record start.
+    pub fn ops(&self) -> OpIter<'a> {
+        OpIter {
+            bytes: self.bytes,
+            at: self.ops_start,
+        }
+    }
+
+    /// The record's bytes, header included.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
+/// Iterator over a verified record's operations.
+#[derive(Clone, Debug)]
+pub struct OpIter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for OpIter<'a> {
+    type Item = (u32, Op<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // The record was verified by decode_record, so these decode.
+        let rest = self.bytes.get(self.at..)?;
+        let (op, len) = decode_op(rest).ok()?;
+        let at = self.at;
+        self.at += len;
+        Some((at as u32, op))
+    }
+}
+
+/// Decodes and fully verifies a record at the start of `buf`: header,
+/// payload checksum, every operation's framing and checksum, the operation
+/// count, and that nothing trails the last operation.
+pub fn decode_record(buf: &[u8]) -> Result<Record<'_>, FormatError> {
+    let header = decode_header(buf)?;
+    let len = usize::try_from(header.record_len()).map_err(|_| FormatError::Truncated {
+        needed: header.record_len(),
+        available: buf.len() as u64,
+    })?;
+    let bytes = buf.get(..len).ok_or(FormatError::Truncated {
+        needed: header.record_len(),
+        available: buf.len() as u64,
+    })?;
+    let payload = &bytes[RECORD_HEADER_LEN..];
+    if crc32fast::hash(payload) != header.payload_crc {
+        return Err(FormatError::BadPayloadChecksum);
+    }
+    let mut at = RECORD_HEADER_LEN;
+    let applied = if header.flags & FLAG_APPLIED != 0 {
+        let v = LE::read_u64(&take::<APPLIED_LEN>(bytes, at)?);
+        at += APPLIED_LEN;
+        Some(v)
+    } else {
+        None
+    };
+    let ops_start = at;
+    let mut count = 0u32;
+    while at < len {
+        let (_, op_len) = decode_op(&bytes[at..])?;
+        at += op_len;
+        count = count
+            .checked_add(1)
+            .ok_or(FormatError::Invalid("operation count overflows"))?;
+    }
+    if count != header.op_count {
+        return Err(FormatError::Invalid(
+            "operation count does not match the header",
+        ));
+    }
+    if count == 0 {
+        return Err(FormatError::Invalid("record without operations"));
+    }
+    Ok(Record {
+        header,
+        applied,
+        bytes,
+        ops_start,
+    })
+}
+
+/// Decodes and verifies one operation at the start of `buf`; returns it and
+/// its encoded length.
+pub fn decode_op(buf: &[u8]) -> Result<(Op<'_>, usize), FormatError> {
+    let h: [u8; OP_HEADER_LEN] = take(buf, 0)?;
+    let key_len = usize::from(LE::read_u16(&h[OP_KEY_LEN..]));
+    let value_len = LE::read_u32(&h[OP_VALUE_LEN..]) as usize;
+    let len = OP_HEADER_LEN + key_len + value_len;
+    let bytes = buf.get(..len).ok_or(FormatError::Truncated {
+        needed: len as u64,
+        available: buf.len() as u64,
+    })?;
+    if crc32fast::hash(&bytes[OP_KIND..]) != LE::read_u32(&h[OP_CRC..]) {
+        return Err(FormatError::BadOpChecksum);
+    }
+    if h[OP_RESERVED] != 0 {
+        return Err(FormatError::NonZeroReserved);
+    }
+    let expire_ts = LE::read_u64(&h[OP_EXPIRE..]);
+    let kind = match h[OP_KIND] {
+        1 => OpKind::Put,
+        2 => OpKind::Delete,
+        other => return Err(FormatError::UnknownOpKind(other)),
+    };
+    if key_len == 0 {
+        return Err(FormatError::Invalid("empty key"));
+    }
+    if kind == OpKind::Delete && (value_len != 0 || expire_ts != 0) {
+        return Err(FormatError::Invalid("delete with a value or expiry"));
+    }
+    let key = &bytes[OP_HEADER_LEN..OP_HEADER_LEN + key_len];
+    let value = &bytes[OP_HEADER_LEN + key_len..];
+    Ok((
+        Op {
+            kind,
+            key,
+            value,
+            expire_ts,
+        },
+        len,
+    ))
+}
+
+/// Builds one record in a reusable buffer: push operations, then
+/// [`stamp`](Self::stamp) the header once the log position is known.
+#[derive(Clone, Debug)]
+pub struct RecordBuilder {
+    buf: Vec<u8>,
+    op_count: u32,
+    flags: u8,
+}
+
+impl Default for RecordBuilder {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl RecordBuilder {
+    /// An empty record; `applied` is the master's change number an applier
+    /// records together with the data.
+    pub fn new(applied: Option<u64>) -> Self {
+        let mut b = RecordBuilder {
+            buf: Vec::with_capacity(256),
+            op_count: 0,
+            flags: 0,
+        };
+        b.reset(applied);
+        b
+    }
+
+    /// Empties the builder for reuse.
+    pub fn reset(&mut self, applied: Option<u64>) {
+        self.buf.clear();
+        self.buf.resize(RECORD_HEADER_LEN, 0);
+        self.op_count = 0;
+        self.flags = 0;
+        if let Some(a) = applied {
+            self.flags |= FLAG_APPLIED;
+            self.buf.extend_from_slice(&a.to_le_bytes());
+        }
+    }
+
+    /// The encoded size a put of these lengths adds.
+    pub fn op_len(key_len: usize, value_len: usize) -> u64 {
+        (OP_HEADER_LEN + key_len) as u64 + value_len as u64
+    }
+
+    /// Appends a put; returns the operation's offset from the record start.
+    /// The caller has checked the key and value lengths.
+    pub fn push_put(&mut self, key: &[u8], value: &[u8], expire_ts: u64) -> u32 {
+        self.push(OpKind::Put, key, value, expire_ts)
+    }
+
+    /// Appends a delete; returns the operation's offset from the record start.
+    pub fn push_delete(&mut self, key: &[u8]) -> u32 {
+        self.push(OpKind::Delete, key, &[], 0)
+    }
+
+    fn push(&mut self, kind: OpKind, key: &[u8], value: &[u8], expire_ts: u64) -> u32 {
+        debug_assert!(!key.is_empty() && key.len() <= u16::MAX as usize);
+        let at = self.buf.len();
+        let mut h = [0u8; OP_HEADER_LEN];
+        h[OP_KIND] = kind as u8;
+        LE::write_u16(&mut h[OP_KEY_LEN..], key.len() as u16);
+        LE::write_u32(&mut h[OP_VALUE_LEN..], value.len() as u32);
+        LE::write_u64(&mut h[OP_EXPIRE..], expire_ts);
+        self.buf.reserve(OP_HEADER_LEN + key.len() + value.len());
+        self.buf.extend_from_slice(&h);
+        self.buf.extend_from_slice(key);
+        self.buf.extend_from_slice(value);
+        let crc = crc32fast::hash(&self.buf[at + OP_KIND..]);
+        LE::write_u32(&mut self.buf[at..at + 4], crc);
+        self.op_count += 1;
+        at as u32
+    }
+
+    /// Number of operations pushed.
+    pub fn op_count(&self) -> u32 {
+        self.op_count
+    }
+
+    /// Whole record length in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether no operation was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.op_count == 0
+    }
+
+    /// Payload length in bytes.
+    pub fn payload_len(&self) -> usize {
+        self.buf.len() - RECORD_HEADER_LEN
+    }
+
+    /// Fills in the header for a record starting at logical position `start`,
+    /// with `synced_position` known durable; returns the record's change
+    /// number (its end position) and its bytes.
+    pub fn stamp(&mut self, start: u64, synced_position: u64) -> (u64, &[u8]) {
+        let change_number = start + self.buf.len() as u64;
+        let payload_crc = crc32fast::hash(&self.buf[RECORD_HEADER_LEN..]);
+        let payload_len = self.payload_len() as u32;
+        let h = &mut self.buf[..RECORD_HEADER_LEN];
+        LE::write_u32(&mut h[PAYLOAD_LEN..], payload_len);
+        LE::write_u32(&mut h[PAYLOAD_CRC..], payload_crc);
+        h[KIND] = RecordKind::Batch as u8;
+        h[FLAGS] = self.flags;
+        LE::write_u16(&mut h[RESERVED16..], 0);
+        LE::write_u32(&mut h[OP_COUNT..], self.op_count);
+        LE::write_u32(&mut h[RESERVED32..], 0);
+        LE::write_u64(&mut h[CHANGE_NUMBER..], change_number);
+        LE::write_u64(&mut h[SYNCED..], synced_position.min(change_number));
+        let crc = crc32fast::hash(&h[PAYLOAD_LEN..]);
+        LE::write_u32(&mut h[HDR_CRC..], crc);
+        (change_number, &self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut b = RecordBuilder::new(None);
+        assert_eq!(b.push_put(b"k1", b"v", 9), 40);
+        assert_eq!(b.push_delete(b"k2"), 63);
+        b.stamp(100, 50).1.to_vec()
+    }
+
+    #[test]
+    fn record_encodes_to_the_documented_golden_bytes() {
+        let mut put = vec![0, 0, 0, 0, 1, 0, 2, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0];
+        put.extend_from_slice(b"k1v");
+        let c = crc32fast::hash(&put[4..]);
+        put[..4].copy_from_slice(&c.to_le_bytes());
+        let mut del = vec![0, 0, 0, 0, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        del.extend_from_slice(b"k2");
+        let c = crc32fast::hash(&del[4..]);
+        del[..4].copy_from_slice(&c.to_le_bytes());
+        let payload = [put, del].concat();
+        let total = (RECORD_HEADER_LEN + payload.len()) as u64;
+        let mut h = vec![0u8; 4];
+        h.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        h.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        h.extend_from_slice(&[1, 0, 0, 0]); // kind Batch, flags, reserved
+        h.extend_from_slice(&2u32.to_le_bytes()); // op count
+        h.extend_from_slice(&[0, 0, 0, 0]); // reserved
+        h.extend_from_slice(&(100 + total).to_le_bytes()); // change number
+        h.extend_from_slice(&50u64.to_le_bytes()); // synced position
+        let c = crc32fast::hash(&h[4..]);
+        h[..4].copy_from_slice(&c.to_le_bytes());
+        assert_eq!(sample(), [h, payload].concat());
+        assert_eq!(RECORD_HEADER_LEN, 40);
+        assert_eq!(OP_HEADER_LEN, 20);
+    }
+
+    #[test]
+    fn record_round_trips_with_its_operations_and_offsets() {
+        let bytes = sample();
+        let r = decode_record(&bytes).unwrap();
+        assert_eq!(r.header.op_count, 2);
+        assert_eq!(r.header.change_number, 100 + bytes.len() as u64);
+        assert_eq!(r.applied, None);
+        let ops: Vec<_> = r.ops().collect();
+        assert_eq!(ops.len(), 2);
+        assert_eq!(ops[0].0, 40);
+        assert_eq!(ops[0].1.key, b"k1");
+        assert_eq!(ops[0].1.value, b"v");
+        assert_eq!(ops[0].1.expire_ts, 9);
+        assert_eq!(ops[1].1.kind, OpKind::Delete);
+        let (op, len) = decode_op(&bytes[63..]).unwrap();
+        assert_eq!((op.key, len), (&b"k2"[..], 22));
+    }
+
+    #[test]
+    fn applied_number_round_trips() {
+        let mut b = RecordBuilder::new(Some(77));
+        b.push_put(b"k", b"", 0);
+        let bytes = b.stamp(0, 0).1.to_vec();
+        let r = decode_record(&bytes).unwrap();
+        assert_eq!(r.applied, Some(77));
+        assert_eq!(r.ops().next().unwrap().1.value, b"");
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = sample();
+        for len in 0..bytes.len() {
+            assert!(decode_record(&bytes[..len]).is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_is_detected() {
+        let bytes = sample();
+        for bit in 0..bytes.len() * 8 {
+            let mut c = bytes.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_record(&c).is_err(), "bit {bit} undetected");
+        }
+    }
+
+    #[test]
+    fn zeros_never_decode_as_a_record() {
+        assert!(decode_record(&[0u8; 128]).is_err());
+        assert!(decode_header(&[0u8; RECORD_HEADER_LEN]).is_err());
+    }
+}

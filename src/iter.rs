@@ -1,0 +1,144 @@
+//! Ordered iteration: the options DKV validates, and a chunked iterator that
+//! holds the index's read lock only while it copies one short chunk, so it
+//! never blocks writers for long. Must not write.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::serverpb::{IterateRequest, KvPair};
+use crate::store::Inner;
+
+/// Keys copied per visit to the index.
+const CHUNK: usize = 128;
+/// Index entries looked at per visit (expired ones are skipped), so one
+/// visit stays short even across long runs of expired keys.
+const MAX_VISITED: usize = 4 * CHUNK;
+
+/// Where iteration starts and which keys it yields.
+///
+/// An empty prefix or start key is the same as none, as in DKV.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IterationOptions {
+    prefix: Option<Vec<u8>>,
+    start_key: Option<Vec<u8>>,
+}
+
+impl IterationOptions {
+    /// Every key, from the smallest.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only keys that begin with `prefix`.
+    pub fn with_prefix(mut self, prefix: impl Into<Vec<u8>>) -> Self {
+        let p = prefix.into();
+        self.prefix = (!p.is_empty()).then_some(p);
+        self
+    }
+
+    /// Start at `start` (inclusive).
+    pub fn with_start_key(mut self, start: impl Into<Vec<u8>>) -> Self {
+        let s = start.into();
+        self.start_key = (!s.is_empty()).then_some(s);
+        self
+    }
+
+    /// The prefix, if any.
+    pub fn prefix(&self) -> Option<&[u8]> {
+        self.prefix.as_deref()
+    }
+
+    /// The start key, if any.
+    pub fn start_key(&self) -> Option<&[u8]> {
+        self.start_key.as_deref()
+    }
+
+    /// DKV's check: a start key must begin with the prefix.
+    pub fn validate(&self) -> Result<()> {
+        match (&self.prefix, &self.start_key) {
+            (Some(p), Some(s)) if !s.starts_with(p) => Err(Error::InvalidIterationOptions),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl From<&IterateRequest> for IterationOptions {
+    fn from(r: &IterateRequest) -> Self {
+        IterationOptions::new()
+            .with_prefix(r.key_prefix.clone())
+            .with_start_key(r.start_key.clone())
+    }
+}
+
+/// Iterator over a store's live keys in ascending bytewise order.
+///
+/// Each key's value is read when its chunk is fetched. A key present and
+/// unchanged for the whole iteration is yielded exactly once; a key written
+/// or deleted meanwhile may or may not be yielded (with its newest value).
+pub struct Iter {
+    inner: Arc<Inner>,
+    prefix: Option<Vec<u8>>,
+    /// Resume point: the last key looked at, and whether to start after it.
+    cursor: Vec<u8>,
+    exclusive: bool,
+    buffer: VecDeque<KvPair>,
+    done: bool,
+}
+
+impl Iter {
+    pub(crate) fn new(inner: Arc<Inner>, options: &IterationOptions) -> Self {
+        let cursor = options
+            .start_key()
+            .or(options.prefix())
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        Iter {
+            inner,
+            prefix: options.prefix.clone(),
+            cursor,
+            exclusive: false,
+            buffer: VecDeque::with_capacity(CHUNK),
+            done: false,
+        }
+    }
+
+    fn refill(&mut self) -> Result<()> {
+        let (last, finished) = self.inner.scan_chunk(
+            &self.cursor,
+            self.exclusive,
+            self.prefix.as_deref(),
+            CHUNK,
+            MAX_VISITED,
+            &mut self.buffer,
+        )?;
+        match last {
+            Some(k) => {
+                self.cursor = k;
+                self.exclusive = true;
+            }
+            None => self.done = true,
+        }
+        self.done |= finished;
+        Ok(())
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<KvPair>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(p) = self.buffer.pop_front() {
+                return Some(Ok(p));
+            }
+            if self.done {
+                return None;
+            }
+            if let Err(e) = self.refill() {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The log layer: segment files on disk. File naming, the directory lock and
+//! durability helpers, the active segment writer with group commit, the
+//! read-only memory maps of sealed segments (the crate's only `unsafe`), and
+//! the fault-injection hook. It knows nothing of keys or the index.
+
+mod fault;
+mod fsutil;
+mod mmap;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use fault::{FaultInjector, InjectedError};
+pub(crate) use fsutil::{DirLock, sync_dir, truncate_synced};
+pub(crate) use mmap::SealedSegment;
+pub(crate) use writer::{ActiveSegment, GroupCommit};
+
+/// Extension of segment files.
+pub const SEGMENT_EXTENSION: &str = "seg";
+
+/// Identifies a segment file; ids grow with every new segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId(pub u32);
+
+impl SegmentId {
+    /// The id after this one.
+    pub fn next(self) -> Option<SegmentId> {
+        self.0.checked_add(1).map(SegmentId)
+    }
+
+    /// The segment's file name, e.g. `0000000007.seg`.
+    pub fn file_name(self) -> String {
+        format!("{:010}.{SEGMENT_EXTENSION}", self.0)
+    }
+
+    /// The segment's path inside `dir`.
+    pub fn path_in(self, dir: &Path) -> PathBuf {
+        dir.join(self.file_name())
+    }
+
+    /// Parses a segment file name; `None` for any other file.
+    pub fn parse_file_name(name: &str) -> Option<SegmentId> {
+        let stem = name.strip_suffix(SEGMENT_EXTENSION)?.strip_suffix('.')?;
+        if stem.len() != 10 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        stem.parse().ok().map(SegmentId)
+    }
+}
+
+impl fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_file_names_round_trip_and_foreign_names_are_ignored() {
+        let id = SegmentId(42);
+        assert_eq!(id.file_name(), "0000000042.seg");
+        assert_eq!(SegmentId::parse_file_name("0000000042.seg"), Some(id));
+        for other in [
+            "42.seg",
+            "0000000042.hint",
+            "LOCK",
+            "000000004x.seg",
+            ".seg",
+        ] {
+            assert_eq!(SegmentId::parse_file_name(other), None, "{other}");
+        }
+    }
+}

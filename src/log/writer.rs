@@ -1,0 +1,299 @@
+//! The active segment (appends through positional writes, optionally into a
+//! zero-filled preallocated file) and group commit (concurrent writers that
+//! need durability share one `fdatasync`). Must not touch the index.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::SegmentId;
+use super::fault::{FaultInjector, IoPoint, check};
+use super::fsutil::{sync_dir, truncate_synced};
+use crate::error::{Error, IoContext, Result};
+use crate::format::{SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind};
+
+/// Size of the zero buffer used to preallocate segments.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// The segment new records are appended to.
+#[derive(Debug)]
+pub(crate) struct ActiveSegment {
+    /// The segment's id.
+    pub(crate) id: SegmentId,
+    /// The open file, shared with readers for positional reads.
+    pub(crate) file: Arc<File>,
+    /// The file's path.
+    pub(crate) path: PathBuf,
+    /// Logical position of the first record.
+    pub(crate) base_position: u64,
+    /// File offset at which the next record goes.
+    pub(crate) offset: u64,
+    /// The segment size at which it is sealed.
+    pub(crate) capacity: u64,
+}
+
+impl ActiveSegment {
+    /// Creates a new segment file: header, zero fill up to `capacity` when
+    /// `preallocate`, `fsync` of the file and of the directory.
+    pub(crate) fn create(
+        dir: &Path,
+        id: SegmentId,
+        base_position: u64,
+        capacity: u64,
+        preallocate: bool,
+        faults: Option<&FaultInjector>,
+    ) -> Result<Self> {
+        let path = id.path_in(dir);
+        let header = SegmentHeader {
+            kind: SegmentKind::Log,
+            id,
+            base_position,
+        };
+        let file = check(faults, IoPoint::Create)
+            .and_then(|()| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+            })
+            .context(|| format!("create segment {}", path.display()))?;
+        check(faults, IoPoint::Append)
+            .and_then(|()| file.write_all_at(&header.encode(), 0))
+            .context(|| format!("write header of segment {}", path.display()))?;
+        let seg = ActiveSegment {
+            id,
+            file: Arc::new(file),
+            path,
+            base_position,
+            offset: SEGMENT_HEADER_LEN as u64,
+            capacity,
+        };
+        if preallocate {
+            seg.zero_fill(faults)?;
+        }
+        check(faults, IoPoint::Sync)
+            .and_then(|()| seg.file.sync_all())
+            .context(|| format!("sync new segment {}", seg.path.display()))?;
+        sync_dir(dir, faults)?;
+        Ok(seg)
+    }
+
+    /// Takes over an existing segment whose valid records end at `offset`
+    /// (recovery has cut anything after it).
+    pub(crate) fn reopen(
+        path: &Path,
+        id: SegmentId,
+        base_position: u64,
+        offset: u64,
+        capacity: u64,
+        preallocate: bool,
+        faults: Option<&FaultInjector>,
+    ) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .context(|| format!("open segment {}", path.display()))?;
+        let seg = ActiveSegment {
+            id,
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            base_position,
+            offset,
+            capacity: capacity.max(offset),
+        };
+        let len = seg
+            .file
+            .metadata()
+            .context(|| format!("stat segment {}", path.display()))?
+            .len();
+        if preallocate && len < seg.capacity {
+            seg.zero_fill(faults)?;
+            check(faults, IoPoint::Sync)
+                .and_then(|()| seg.file.sync_all())
+                .context(|| format!("sync segment {}", path.display()))?;
+        }
+        Ok(seg)
+    }
+
+    /// Writes zeros from the current length up to the capacity, so later
+    /// appends overwrite allocated blocks and do not grow the file.
+    fn zero_fill(&self, faults: Option<&FaultInjector>) -> Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK];
+        let len = self
+            .file
+            .metadata()
+            .context(|| format!("stat segment {}", self.path.display()))?
+            .len();
+        let mut at = len.max(self.offset);
+        while at < self.capacity {
+            let n = (self.capacity - at).min(ZERO_CHUNK as u64) as usize;
+            check(faults, IoPoint::Append)
+                .and_then(|()| self.file.write_all_at(&zeros[..n], at))
+                .context(|| format!("preallocate segment {}", self.path.display()))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Logical position at which the next record starts.
+    pub(crate) fn position(&self) -> u64 {
+        self.base_position + (self.offset - SEGMENT_HEADER_LEN as u64)
+    }
+
+    /// Whether a record of `len` bytes still fits.
+    pub(crate) fn fits(&self, len: u64) -> bool {
+        self.offset + len <= self.capacity
+    }
+
+    /// Writes a record at the current offset and advances past it.
+    pub(crate) fn append(&mut self, bytes: &[u8], faults: Option<&FaultInjector>) -> Result<()> {
+        check(faults, IoPoint::Append)
+            .and_then(|()| self.file.write_all_at(bytes, self.offset))
+            .context(|| format!("append to segment {}", self.id))?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Makes the segment immutable: syncs its data and cuts the file to the
+    /// records' end (dropping preallocated zeros).
+    pub(crate) fn seal(&self, faults: Option<&FaultInjector>) -> Result<()> {
+        check(faults, IoPoint::Sync)
+            .and_then(|()| self.file.sync_data())
+            .context(|| format!("sync segment {}", self.id))?;
+        truncate_synced(&self.file, &self.path, self.offset, faults)
+    }
+}
+
+/// Group commit: tracks how far the log is written and how far it is
+/// durable, and elects one waiting writer to `fdatasync` for everyone.
+#[derive(Debug)]
+pub(crate) struct GroupCommit {
+    written: AtomicU64,
+    durable: AtomicU64,
+    syncs: AtomicU64,
+    /// Protects the sync election and the file to sync. Lock order: taken
+    /// after the writer lock when both are held, never before it.
+    inner: Mutex<SyncInner>,
+    done: Condvar,
+}
+
+#[derive(Debug)]
+struct SyncInner {
+    /// A writer is running `fdatasync` right now.
+    syncing: bool,
+    /// The active segment's file.
+    file: Arc<File>,
+    /// Set when a sync failed; every later write fails.
+    poisoned: Option<String>,
+}
+
+impl GroupCommit {
+    /// Starts with everything up to `position` written and durable.
+    pub(crate) fn new(file: Arc<File>, position: u64) -> Self {
+        GroupCommit {
+            written: AtomicU64::new(position),
+            durable: AtomicU64::new(position),
+            syncs: AtomicU64::new(0),
+            inner: Mutex::new(SyncInner {
+                syncing: false,
+                file,
+                poisoned: None,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    /// Logical position up to which records are written.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Logical position up to which records are known durable.
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Number of `fdatasync` calls made for group commit.
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Records that the log is written up to `position`.
+    pub(crate) fn set_written(&self, position: u64) {
+        self.written.store(position, Ordering::Release);
+    }
+
+    /// After a rollover: the old segment is synced up to `durable`, and new
+    /// records go to `file`.
+    pub(crate) fn switch_file(&self, file: Arc<File>, durable: u64) {
+        let mut g = self.inner.lock();
+        g.file = file;
+        self.durable.fetch_max(durable, Ordering::AcqRel);
+    }
+
+    /// The failure that poisoned the writer, if any.
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        self.inner.lock().poisoned.clone()
+    }
+
+    /// Marks the writer as poisoned by `cause`.
+    pub(crate) fn poison(&self, cause: String) {
+        let mut g = self.inner.lock();
+        g.poisoned.get_or_insert(cause);
+        self.done.notify_all();
+    }
+
+    /// Returns once everything up to `target` is durable, syncing if no
+    /// other writer is already doing so.
+    pub(crate) fn wait_durable(&self, target: u64, faults: Option<&FaultInjector>) -> Result<()> {
+        if self.durable() >= target {
+            return Ok(());
+        }
+        let mut g = self.inner.lock();
+        loop {
+            if let Some(cause) = &g.poisoned {
+                return Err(Error::Poisoned {
+                    cause: cause.clone(),
+                });
+            }
+            if self.durable() >= target {
+                return Ok(());
+            }
+            if g.syncing {
+                self.done.wait(&mut g);
+                continue;
+            }
+            g.syncing = true;
+            let file = Arc::clone(&g.file);
+            let upto = self.written();
+            drop(g);
+            let result = check(faults, IoPoint::Sync).and_then(|()| file.sync_data());
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            g = self.inner.lock();
+            g.syncing = false;
+            match result {
+                Ok(()) => {
+                    self.durable.fetch_max(upto, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    let err = Error::io("sync the active segment", e);
+                    g.poisoned.get_or_insert_with(|| err.to_string());
+                    self.done.notify_all();
+                    return Err(err);
+                }
+            }
+            self.done.notify_all();
+        }
+    }
+
+    /// Syncs everything written so far.
+    pub(crate) fn sync_all_written(&self, faults: Option<&FaultInjector>) -> Result<()> {
+        self.wait_durable(self.written(), faults)
+    }
+}

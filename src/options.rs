@@ -1,0 +1,183 @@
+//! How a store is opened: durability, recovery policy, segment sizing and the
+//! clock used for expiry. Policies are enums with named predicates; every
+//! field documents its default and unit. No I/O happens here.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::log::FaultInjector;
+
+/// Longest key accepted, in bytes (the on-disk key length is a `u16`).
+pub const MAX_KEY_LEN: usize = u16::MAX as usize;
+
+/// Longest value accepted, in bytes. A batch must also fit in
+/// [`Options::max_batch_bytes`].
+pub const MAX_VALUE_LEN: usize = 16 << 20;
+
+/// When a write becomes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Never `fdatasync` on the write path. Data reaches the disk when the
+    /// operating system writes it back, at segment rollover, or at close. A
+    /// crash may lose recent writes, never part of a batch.
+    Never,
+    /// Every write returns only after its record is durable. Concurrent
+    /// writers share one `fdatasync` (group commit).
+    Always,
+    /// A background thread syncs at this interval; a crash may lose up to
+    /// one interval of acknowledged writes.
+    Interval(Duration),
+}
+
+impl SyncMode {
+    /// Whether a write waits for its record to be durable before returning.
+    pub fn waits_for_sync(self) -> bool {
+        matches!(self, SyncMode::Always)
+    }
+}
+
+/// What `open` does with damaged bytes it finds while rebuilding the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// Any damage, even a torn record at the end of the newest segment, is
+    /// an error. Preallocated zeros after the last record are not damage.
+    Strict,
+    /// A torn or partial record at the end of the newest segment (bytes that
+    /// were never synced) is cut off and reported; damage anywhere else is an
+    /// error naming the file and offset. The default.
+    TolerateTornTail,
+    /// Like `TolerateTornTail`, and damaged ranges anywhere are skipped and
+    /// reported instead of failing the open. Records in a skipped range are
+    /// lost.
+    TolerateAnyCorruption,
+}
+
+impl RecoveryMode {
+    /// Whether a torn tail of the newest segment may be cut off.
+    pub fn cuts_torn_tail(self) -> bool {
+        !matches!(self, RecoveryMode::Strict)
+    }
+
+    /// Whether damage before the tail may be skipped.
+    pub fn skips_corruption(self) -> bool {
+        matches!(self, RecoveryMode::TolerateAnyCorruption)
+    }
+}
+
+/// The source of "now" for expiry decisions, in Unix seconds.
+#[derive(Clone, Default)]
+pub enum Clock {
+    /// The system clock. The default.
+    #[default]
+    System,
+    /// A clock the caller moves by hand (tests, simulations).
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    /// A manual clock starting at `now` seconds.
+    pub fn manual(now: u64) -> Self {
+        Clock::Manual(Arc::new(AtomicU64::new(now)))
+    }
+
+    /// The current time in Unix seconds.
+    pub fn now(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            Clock::Manual(t) => t.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether a record with `expire_ts` is expired now (0 never expires;
+    /// otherwise expired when `expire_ts <= now`).
+    pub fn is_expired(&self, expire_ts: u64) -> bool {
+        expire_ts != 0 && expire_ts <= self.now()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Clock::System => f.write_str("System"),
+            Clock::Manual(t) => write!(f, "Manual({})", t.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Settings for [`Store::open`](crate::Store::open).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// When writes become durable. Default: [`SyncMode::Always`], as DKV
+    /// opens its engines with sync writes.
+    pub sync_mode: SyncMode,
+    /// What to do with damage found at open. Default:
+    /// [`RecoveryMode::TolerateTornTail`].
+    pub recovery_mode: RecoveryMode,
+    /// Size at which the active segment is sealed and a new one started, in
+    /// bytes. Default: 64 MiB. Minimum: 4 KiB.
+    pub segment_size: u64,
+    /// Whether a new segment is filled with zeros up to `segment_size` when
+    /// created, so that later appends and `fdatasync` do not change the
+    /// file's size (about twice as fast per sync on ext4). Default: `true`.
+    pub preallocate: bool,
+    /// Largest encoded batch accepted by one write, in bytes. Default:
+    /// 32 MiB. Must leave room for headers within `segment_size`.
+    pub max_batch_bytes: u64,
+    /// Clock for expiry. Default: the system clock.
+    pub clock: Clock,
+    /// Test hook: fails chosen I/O calls of the writer. Default: `None`.
+    pub fault_injector: Option<Arc<FaultInjector>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sync_mode: SyncMode::Always,
+            recovery_mode: RecoveryMode::TolerateTornTail,
+            segment_size: 64 << 20,
+            preallocate: true,
+            max_batch_bytes: 32 << 20,
+            clock: Clock::System,
+            fault_injector: None,
+        }
+    }
+}
+
+impl Options {
+    /// Checks that the options can work together.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.segment_size < 4096 {
+            return Err(Error::InvalidOptions(format!(
+                "segment_size {} is below the minimum of 4096 bytes",
+                self.segment_size
+            )));
+        }
+        if self.segment_size > u64::from(u32::MAX) {
+            return Err(Error::InvalidOptions(format!(
+                "segment_size {} exceeds the maximum of {} bytes",
+                self.segment_size,
+                u32::MAX
+            )));
+        }
+        let room = self.segment_size - crate::format::max_overhead();
+        if self.max_batch_bytes == 0 || self.max_batch_bytes > room {
+            return Err(Error::InvalidOptions(format!(
+                "max_batch_bytes {} must be between 1 and {room} for a segment_size of {}",
+                self.max_batch_bytes, self.segment_size
+            )));
+        }
+        if let SyncMode::Interval(d) = self.sync_mode
+            && d.is_zero()
+        {
+            return Err(Error::InvalidOptions(
+                "SyncMode::Interval needs a non-zero interval".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,425 @@
+//! Open-time recovery: reads every segment, verifies every checksum, rebuilds
+//! the KeyDir, and decides what damaged bytes are: a torn tail of the newest
+//! segment (never synced, so cut off) or corruption of durable data (an error,
+//! or skipped and reported in the tolerant mode). Must not append records.
+//!
+//! Telling the two apart: every record header carries a log position that was
+//! already durable when it was written. Damage at a position below what any
+//! later intact record says was durable is corruption of synced data; damage
+//! beyond it can only be a write that never reached the disk whole.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::{
+    FormatError, OP_HEADER_LEN, OpKind, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader,
+    decode_record,
+};
+use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
+use crate::log::{FaultInjector, SealedSegment, SegmentId, sync_dir, truncate_synced};
+use crate::options::RecoveryMode;
+
+/// What `open` found and did while rebuilding the index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment files read.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: u64,
+    /// Live keys in the index afterwards (expired ones included).
+    pub keys: usize,
+    /// Bytes of segment data read and verified.
+    pub bytes_read: u64,
+    /// A torn tail cut from the newest segment.
+    pub truncated: Option<TruncatedTail>,
+    /// Damaged ranges skipped under [`RecoveryMode::TolerateAnyCorruption`].
+    pub skipped: Vec<DamagedRange>,
+    /// Wall time spent.
+    pub duration: Duration,
+}
+
+/// Unsynced bytes cut from the end of the newest segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TruncatedTail {
+    /// The segment file.
+    pub file: PathBuf,
+    /// Offset at which the file was cut.
+    pub offset: u64,
+    /// Bytes removed (preallocated zeros not counted).
+    pub bytes: u64,
+    /// Why the first removed byte did not decode.
+    pub reason: String,
+}
+
+/// A damaged byte range that recovery skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedRange {
+    /// The segment file.
+    pub file: PathBuf,
+    /// First damaged byte.
+    pub start: u64,
+    /// End of the damaged range (exclusive): the next intact record.
+    pub end: u64,
+    /// What check failed at `start`.
+    pub reason: String,
+}
+
+/// One segment after its scan.
+#[derive(Debug)]
+pub(crate) struct ScannedSegment {
+    pub(crate) id: SegmentId,
+    pub(crate) path: PathBuf,
+    pub(crate) base_position: u64,
+    /// File offset just past the last intact record.
+    pub(crate) end_offset: u64,
+    pub(crate) map: SealedSegment,
+}
+
+impl ScannedSegment {
+    /// Logical position just past the last intact record.
+    pub(crate) fn end_position(&self) -> u64 {
+        self.base_position + (self.end_offset - SEGMENT_HEADER_LEN as u64)
+    }
+}
+
+/// The state rebuilt from disk.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub(crate) keydir: KeyDir,
+    /// Segments in id order; the last one becomes the active segment.
+    pub(crate) segments: Vec<ScannedSegment>,
+    pub(crate) report: RecoveryReport,
+}
+
+/// Lists the segment ids in `dir`, ascending.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentId>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).context(|| format!("list {}", dir.display()))? {
+        let entry = entry.context(|| format!("list {}", dir.display()))?;
+        if let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(SegmentId::parse_file_name)
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Rebuilds the index from the segments in `dir`.
+pub(crate) fn recover(
+    dir: &Path,
+    mode: RecoveryMode,
+    faults: Option<&FaultInjector>,
+) -> Result<Recovered> {
+    let started = Instant::now();
+    let ids = list_segments(dir)?;
+    let mut keydir = KeyDir::new();
+    let mut report = RecoveryReport::default();
+    let mut segments: Vec<ScannedSegment> = Vec::with_capacity(ids.len());
+    for (i, &id) in ids.iter().enumerate() {
+        let newest = i + 1 == ids.len();
+        let path = id.path_in(dir);
+        let map = SealedSegment::open(&path)?;
+        let expected_base = segments.last().map(ScannedSegment::end_position);
+        let scanned = scan_segment(
+            id,
+            path,
+            map,
+            expected_base,
+            newest,
+            mode,
+            &mut keydir,
+            &mut report,
+            faults,
+        )?;
+        if let Some(s) = scanned {
+            segments.push(s);
+        } else {
+            // A newest segment torn while being created holds nothing: it
+            // was removed, so the segment before it is the newest again.
+            sync_dir(dir, faults)?;
+        }
+    }
+    report.segments = ids.len();
+    report.keys = keydir.len();
+    report.duration = started.elapsed();
+    Ok(Recovered {
+        keydir,
+        segments,
+        report,
+    })
+}
+
+/// How a damaged position is to be treated.
+enum Damage {
+    /// Cut the file here: nothing after it was ever durable.
+    TornTail,
+    /// Durable data is damaged; the next intact record (if any) is at the
+    /// given offset.
+    Corrupt(Option<usize>),
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn scan_segment(
+    id: SegmentId,
+    path: PathBuf,
+    map: SealedSegment,
+    expected_base: Option<u64>,
+    newest: bool,
+    mode: RecoveryMode,
+    keydir: &mut KeyDir,
+    report: &mut RecoveryReport,
+    faults: Option<&FaultInjector>,
+) -> Result<Option<ScannedSegment>> {
+    let bytes = map.bytes();
+    let header = match SegmentHeader::decode(bytes) {
+        Ok(h) => h,
+        Err(FormatError::UnsupportedVersion(found)) => {
+            return Err(Error::UnsupportedVersion {
+                file: path,
+                found,
+                supported: crate::format::FORMAT_VERSION,
+            });
+        }
+        Err(e) if newest && mode.cuts_torn_tail() && !has_intact_record_anywhere(bytes) => {
+            // Crash while the segment was being created: nothing in it was
+            // ever acknowledged. Remove it.
+            let len = bytes.len() as u64;
+            drop(map);
+            report.truncated = Some(TruncatedTail {
+                file: path.clone(),
+                offset: 0,
+                bytes: len,
+                reason: format!("segment header: {e}"),
+            });
+            fs::remove_file(&path).context(|| format!("remove torn segment {}", path.display()))?;
+            return Ok(None);
+        }
+        Err(e) => return Err(Error::corruption(path, 0, format!("segment header: {e}"))),
+    };
+    if header.id != id {
+        return Err(Error::corruption(
+            path,
+            0,
+            format!(
+                "header names segment {} but the file is segment {id}",
+                header.id
+            ),
+        ));
+    }
+    if let Some(expected) = expected_base
+        && expected != header.base_position
+        && !mode.skips_corruption()
+    {
+        return Err(Error::corruption(
+            path,
+            0,
+            format!(
+                "segment starts at log position {} but the previous one ends at {expected}",
+                header.base_position
+            ),
+        ));
+    }
+    let base = header.base_position;
+    let mut at = SEGMENT_HEADER_LEN;
+    let mut cut_at = None;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let failure = match decode_record(rest) {
+            Ok(rec)
+                if Some(rec.header.change_number)
+                    == expected_change_number(base, at, rec.header.record_len()) =>
+            {
+                let cn = rec.header.change_number;
+                for (off, op) in rec.ops() {
+                    let pointer = RecordPointer {
+                        segment: id,
+                        offset: (at as u64 + u64::from(off)) as u32,
+                        len: (OP_HEADER_LEN + op.key.len() + op.value.len()) as u32,
+                    };
+                    match op.kind {
+                        OpKind::Put => {
+                            keydir.insert_if_newer(
+                                op.key,
+                                KeyEntry {
+                                    pointer,
+                                    expire_ts: op.expire_ts,
+                                    change_number: cn,
+                                },
+                            );
+                        }
+                        OpKind::Delete => {
+                            if keydir.get(op.key).is_some_and(|e| e.change_number < cn) {
+                                keydir.remove(op.key);
+                            }
+                        }
+                    }
+                }
+                report.records += 1;
+                at += rec.header.record_len() as usize;
+                continue;
+            }
+            Ok(_) => "change number does not match the record's position".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if rest.iter().all(|&b| b == 0) {
+            // Preallocated space, or the zero tail of a segment sealed
+            // by a crash before it was truncated: a clean end.
+            break;
+        }
+        let damage = classify(bytes, at, base, newest);
+        match damage {
+            Damage::TornTail if mode.cuts_torn_tail() => {
+                cut_at = Some((at, failure));
+                break;
+            }
+            Damage::Corrupt(next) if mode.skips_corruption() => {
+                let end = next.unwrap_or(bytes.len());
+                report.skipped.push(DamagedRange {
+                    file: path.clone(),
+                    start: at as u64,
+                    end: end as u64,
+                    reason: failure,
+                });
+                if next.is_none() && newest {
+                    cut_at = Some((at, "skipped damage at the end".into()));
+                    break;
+                }
+                at = end;
+            }
+            Damage::TornTail => {
+                return Err(Error::corruption(
+                    path,
+                    at as u64,
+                    format!(
+                        "torn tail ({failure}); open with RecoveryMode::TolerateTornTail to cut it"
+                    ),
+                ));
+            }
+            Damage::Corrupt(_) => return Err(Error::corruption(path, at as u64, failure)),
+        }
+    }
+    report.bytes_read += at.min(bytes.len()) as u64;
+    let end_offset = match cut_at {
+        None => at.min(bytes.len()),
+        Some((cut, reason)) => {
+            let cut_bytes = bytes[cut..]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |p| p as u64 + 1);
+            drop(map);
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .context(|| format!("open {} to cut its torn tail", path.display()))?;
+            truncate_synced(&file, &path, cut as u64, faults)?;
+            report.truncated = Some(TruncatedTail {
+                file: path.clone(),
+                offset: cut as u64,
+                bytes: cut_bytes,
+                reason,
+            });
+            return Ok(Some(ScannedSegment {
+                id,
+                map: SealedSegment::open(&path)?,
+                path,
+                base_position: base,
+                end_offset: cut as u64,
+            }));
+        }
+    };
+    Ok(Some(ScannedSegment {
+        id,
+        path,
+        base_position: base,
+        end_offset: end_offset as u64,
+        map,
+    }))
+}
+
+/// The change number a record of `len` bytes at file offset `at` must carry.
+fn expected_change_number(base: u64, at: usize, len: u64) -> Option<u64> {
+    base.checked_add((at - SEGMENT_HEADER_LEN) as u64)?
+        .checked_add(len)
+}
+
+/// Decides whether damage at `at` is a torn tail or corruption.
+fn classify(bytes: &[u8], at: usize, base: u64, newest: bool) -> Damage {
+    let next = find_next_record(bytes, at + 1, base);
+    if !newest {
+        return Damage::Corrupt(next);
+    }
+    let Some(next_at) = next else {
+        return Damage::TornTail;
+    };
+    // The latest durable position claimed by any intact record after the damage.
+    let mut durable = 0u64;
+    let mut p = next_at;
+    while let Some(q) = (p < bytes.len()).then_some(p) {
+        match decode_record(&bytes[q..]) {
+            Ok(r)
+                if Some(r.header.change_number)
+                    == expected_change_number(base, q, r.header.record_len()) =>
+            {
+                durable = durable.max(r.header.synced_position);
+                p = q + r.header.record_len() as usize;
+            }
+            _ => match find_next_record(bytes, q + 1, base) {
+                Some(n) => p = n,
+                None => break,
+            },
+        }
+    }
+    let damaged_position = base + (at - SEGMENT_HEADER_LEN) as u64;
+    if damaged_position < durable {
+        Damage::Corrupt(Some(next_at))
+    } else {
+        Damage::TornTail
+    }
+}
+
+/// Finds the first offset at or after `from` holding an intact record whose
+/// change number matches its position.
+fn find_next_record(bytes: &[u8], from: usize, base: u64) -> Option<usize> {
+    let last = bytes.len().checked_sub(RECORD_HEADER_LEN)?;
+    (from.max(SEGMENT_HEADER_LEN)..=last).find(|&p| {
+        let payload_len = u64::from(LE::read_u32(&bytes[p + 4..]));
+        let cn = LE::read_u64(&bytes[p + 24..]);
+        expected_change_number(base, p, RECORD_HEADER_LEN as u64 + payload_len) == Some(cn)
+            && decode_record(&bytes[p..]).is_ok()
+    })
+}
+
+/// Whether any intact record exists in a segment whose header is unreadable.
+fn has_intact_record_anywhere(bytes: &[u8]) -> bool {
+    let Some(last) = bytes.len().checked_sub(RECORD_HEADER_LEN) else {
+        return false;
+    };
+    let mut p = SEGMENT_HEADER_LEN.min(bytes.len());
+    while p <= last {
+        // A record header is never all zeros: jump over zero runs.
+        match bytes[p..].iter().position(|&b| b != 0) {
+            None => return false,
+            Some(nz) if nz >= RECORD_HEADER_LEN => {
+                p += nz + 1 - RECORD_HEADER_LEN;
+                continue;
+            }
+            Some(_) => {}
+        }
+        if decode_record(&bytes[p..]).is_ok() {
+            return true;
+        }
+        p += 1;
+    }
+    false
+}

@@ -1,0 +1,709 @@
+//! The store handle and the DKV interfaces it implements. It owns the write
+//! path (validate, encode outside any lock, append under the writer lock,
+//! publish to the index, wait for group commit), the read paths, and the
+//! lifecycle (open, close). Byte layouts live in `format`, file handling in
+//! `log`, rebuilding in `recovery`.
+//!
+//! Locks, in the order they may be taken:
+//! 1. `Inner::writer` (the active segment): serialises appends, rollovers,
+//!    compare-and-set and close.
+//! 2. `Inner::state` (the index and the segment table): readers share it;
+//!    writers take it exclusively only to publish a record's keys.
+//! 3. `GroupCommit`'s own mutex, for sync election only.
+//!
+//! Readers never wait for an `fdatasync`: syncs run with no lock held.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, decode_op};
+use crate::iter::{Iter, IterationOptions};
+use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
+use crate::log::{ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId};
+use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
+use crate::recovery::{self, RecoveryReport};
+use crate::serverpb::{CompareAndSetRequest, KvPair};
+
+/// DKV's `KVStore`, translated to Rust.
+///
+/// Keys are non-empty byte strings; expiry is absolute Unix seconds, 0 for
+/// never, and a key is expired once `expire_ts <= now`. Expired keys behave
+/// as absent everywhere.
+pub trait KvStore {
+    /// Writes all `pairs` atomically: after a crash all or none of them are
+    /// visible. An empty batch writes nothing.
+    fn put(&self, pairs: &[KvPair]) -> Result<()>;
+
+    /// Looks up `keys`; missing and expired keys are omitted, found ones come
+    /// in request order (with their expiry). An empty value is a value.
+    fn get(&self, keys: &[&[u8]]) -> Result<Vec<KvPair>>;
+
+    /// Deletes `key`; deleting a missing key succeeds.
+    fn delete(&self, key: &[u8]) -> Result<()>;
+
+    /// Atomically replaces the key's value with `new_value` (and expiry
+    /// `expire_ts`) if its current value equals `old_value`; an empty
+    /// `old_value` means "create only if absent" (expired counts as absent).
+    /// Returns whether the swap happened.
+    fn compare_and_set(&self, request: &CompareAndSetRequest) -> Result<bool>;
+
+    /// Iterates live keys in ascending order, after validating `options`.
+    fn iterate(
+        &self,
+        options: &IterationOptions,
+    ) -> Result<Box<dyn Iterator<Item = Result<KvPair>> + Send>>;
+
+    /// Flushes and syncs everything written, releases the directory lock and
+    /// reports any error. Later calls fail with [`Error::Closed`].
+    fn close(&self) -> Result<()>;
+}
+
+/// An open dkv-cask store. Dropping it closes it on a best-effort basis;
+/// call [`close`](KvStore::close) to see errors.
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// The shared state behind a [`Store`] and its iterators.
+pub(crate) struct Inner {
+    dir: PathBuf,
+    options: Options,
+    /// The directory lock; taken out by `close`.
+    lock: Mutex<Option<DirLock>>,
+    /// Lock 1: the append position and the active segment.
+    writer: Mutex<Writer>,
+    /// Lock 2: the index and the segment table.
+    state: RwLock<State>,
+    commit: GroupCommit,
+    closed: AtomicBool,
+    report: RecoveryReport,
+    /// The interval syncer, when `SyncMode::Interval`.
+    syncer: Mutex<Option<Syncer>>,
+}
+
+struct Writer {
+    active: ActiveSegment,
+}
+
+/// What readers need: the index and a way to read every segment.
+struct State {
+    keydir: KeyDir,
+    segments: HashMap<SegmentId, SegmentReader>,
+}
+
+enum SegmentReader {
+    /// Read through a read-only memory map.
+    Sealed(SealedSegment),
+    /// Read through positional reads of the file being appended to.
+    Active(Arc<File>),
+}
+
+/// One operation of a batch, with where the builder put it.
+struct Pending<'a> {
+    key: &'a [u8],
+    offset: u32,
+    len: u32,
+    expire_ts: u64,
+    delete: bool,
+}
+
+struct Syncer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(Error::ValueTooLarge {
+            len: value.len(),
+            max: MAX_VALUE_LEN,
+        });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating the folder and an empty store if
+    /// needed. Takes the directory lock, then rebuilds the index from the
+    /// segments (see [`RecoveryReport`]).
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
+        options.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).context(|| format!("create store folder {}", dir.display()))?;
+        let lock = DirLock::acquire(&dir)?;
+        let faults = options.fault_injector.as_deref();
+        let recovered = recovery::recover(&dir, options.recovery_mode, faults)?;
+        let mut segments = HashMap::new();
+        let mut scanned = recovered.segments;
+        let active = match scanned.pop() {
+            Some(last) => {
+                let id = last.id;
+                let (path, base, end) = (last.path.clone(), last.base_position, last.end_offset);
+                drop(last);
+                ActiveSegment::reopen(
+                    &path,
+                    id,
+                    base,
+                    end,
+                    options.segment_size,
+                    options.preallocate,
+                    faults,
+                )?
+            }
+            None => ActiveSegment::create(
+                &dir,
+                SegmentId(1),
+                0,
+                options.segment_size,
+                options.preallocate,
+                faults,
+            )?,
+        };
+        for s in scanned {
+            segments.insert(s.id, SegmentReader::Sealed(s.map));
+        }
+        segments.insert(active.id, SegmentReader::Active(Arc::clone(&active.file)));
+        let commit = GroupCommit::new(Arc::clone(&active.file), active.position());
+        let inner = Arc::new(Inner {
+            dir,
+            options,
+            lock: Mutex::new(Some(lock)),
+            writer: Mutex::new(Writer { active }),
+            state: RwLock::new(State {
+                keydir: recovered.keydir,
+                segments,
+            }),
+            commit,
+            closed: AtomicBool::new(false),
+            report: recovered.report,
+            syncer: Mutex::new(None),
+        });
+        if let SyncMode::Interval(every) = inner.options.sync_mode {
+            *inner.syncer.lock() = Some(Syncer::start(Arc::downgrade(&inner), every));
+        }
+        Ok(Store { inner })
+    }
+
+    /// The store's folder.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// What recovery found and did when the store was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// The change number of the newest record: the logical log position at
+    /// its end. 0 for an empty store.
+    pub fn last_change_number(&self) -> u64 {
+        self.inner.commit.written()
+    }
+
+    /// The log position known durable.
+    pub fn durable_change_number(&self) -> u64 {
+        self.inner.commit.durable()
+    }
+
+    /// Number of keys in the index (expired keys not yet dropped included).
+    pub fn key_count(&self) -> usize {
+        self.inner.state.read().keydir.len()
+    }
+
+    /// Heap bytes used by the index, keys included.
+    pub fn index_memory_bytes(&self) -> usize {
+        self.inner.state.read().keydir.memory_bytes()
+    }
+
+    /// Number of `fdatasync` calls made by group commit so far.
+    pub fn group_commit_syncs(&self) -> u64 {
+        self.inner.commit.syncs()
+    }
+
+    /// Makes everything written so far durable, whatever the sync mode.
+    pub fn sync(&self) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner
+            .commit
+            .sync_all_written(self.inner.options.fault_injector.as_deref())
+    }
+
+    /// Iterates live keys in ascending order; see [`Iter`] for the
+    /// consistency guarantee.
+    pub fn iter(&self, options: &IterationOptions) -> Result<Iter> {
+        self.inner.check_open()?;
+        options.validate()?;
+        Ok(Iter::new(Arc::clone(&self.inner), options))
+    }
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn faults(&self) -> Option<&crate::log::FaultInjector> {
+        self.options.fault_injector.as_deref()
+    }
+
+    /// Appends one record and publishes its operations to the index. The
+    /// writer lock is held by the caller. Returns the change number.
+    fn append_locked(
+        &self,
+        w: &mut Writer,
+        builder: &mut RecordBuilder,
+        ops: &[Pending<'_>],
+    ) -> Result<u64> {
+        self.check_open()?;
+        if let Some(cause) = self.commit.poisoned() {
+            return Err(Error::Poisoned { cause });
+        }
+        if !w.active.fits(builder.len() as u64) {
+            self.rollover(w)?;
+        }
+        let record_offset = w.active.offset;
+        let (change_number, bytes) = builder.stamp(w.active.position(), self.commit.durable());
+        if let Err(e) = w.active.append(bytes, self.faults()) {
+            self.commit.poison(e.to_string());
+            return Err(e);
+        }
+        self.commit.set_written(change_number);
+        let segment = w.active.id;
+        let mut state = self.state.write();
+        for op in ops {
+            if op.delete {
+                state.keydir.remove(op.key);
+            } else {
+                let entry = KeyEntry {
+                    pointer: RecordPointer {
+                        segment,
+                        offset: (record_offset + u64::from(op.offset)) as u32,
+                        len: op.len,
+                    },
+                    expire_ts: op.expire_ts,
+                    change_number,
+                };
+                state.keydir.insert(op.key, entry);
+            }
+        }
+        Ok(change_number)
+    }
+
+    /// Seals the active segment and starts the next one. Any failure poisons
+    /// the writer: the on-disk state is then only trusted after reopen.
+    fn rollover(&self, w: &mut Writer) -> Result<()> {
+        let result: Result<()> = (|| {
+            w.active.seal(self.faults())?;
+            let end = w.active.position();
+            let next = w
+                .active
+                .id
+                .next()
+                .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
+            let new = ActiveSegment::create(
+                &self.dir,
+                next,
+                end,
+                self.options.segment_size,
+                self.options.preallocate,
+                self.faults(),
+            )?;
+            let sealed = SealedSegment::open(&w.active.path)?;
+            self.commit.switch_file(Arc::clone(&new.file), end);
+            let mut state = self.state.write();
+            state
+                .segments
+                .insert(w.active.id, SegmentReader::Sealed(sealed));
+            state
+                .segments
+                .insert(new.id, SegmentReader::Active(Arc::clone(&new.file)));
+            drop(state);
+            w.active = new;
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            self.commit.poison(e.to_string());
+        }
+        result
+    }
+
+    /// Waits for durability when the sync mode asks for it.
+    fn finish_write(&self, change_number: u64) -> Result<()> {
+        if self.options.sync_mode.waits_for_sync() {
+            self.commit.wait_durable(change_number, self.faults())?;
+        }
+        Ok(())
+    }
+
+    fn write_batch(&self, builder: &mut RecordBuilder, ops: &[Pending<'_>]) -> Result<()> {
+        let change_number = {
+            let mut w = self.writer.lock();
+            self.append_locked(&mut w, builder, ops)?
+        };
+        self.finish_write(change_number)
+    }
+
+    fn check_batch_size(&self, builder: &RecordBuilder) -> Result<()> {
+        let bytes = builder.payload_len() as u64;
+        if bytes > self.options.max_batch_bytes {
+            return Err(Error::BatchTooLarge {
+                bytes,
+                max: self.options.max_batch_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies up to `max` live pairs at or after `cursor` into `out`.
+    /// Returns the last key looked at (the resume point) and whether the
+    /// scan reached the end of the range.
+    pub(crate) fn scan_chunk(
+        &self,
+        cursor: &[u8],
+        exclusive: bool,
+        prefix: Option<&[u8]>,
+        max: usize,
+        max_visited: usize,
+        out: &mut VecDeque<KvPair>,
+    ) -> Result<(Option<Vec<u8>>, bool)> {
+        self.check_open()?;
+        let now = self.options.clock.now();
+        let state = self.state.read();
+        let mut last: Option<Vec<u8>> = None;
+        let mut finished = true;
+        let mut visited = 0;
+        let mut failure = None;
+        let mut buf = Vec::new();
+        state.keydir.scan_from(cursor, exclusive, |key, entry| {
+            if let Some(p) = prefix
+                && !key.starts_with(p)
+            {
+                return false;
+            }
+            if out.len() >= max || visited >= max_visited {
+                finished = false;
+                return false;
+            }
+            visited += 1;
+            last = Some(key.to_vec());
+            if entry.expire_ts != 0 && entry.expire_ts <= now {
+                return true;
+            }
+            match state.read_op(&self.dir, key, entry.pointer, &mut buf) {
+                Ok((value, expire_ts)) => {
+                    out.push_back(KvPair {
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                        expire_ts,
+                    });
+                    true
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((last, finished)),
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        if let Some(s) = self.syncer.lock().take() {
+            s.stop();
+        }
+        let result = {
+            let _w = self.writer.lock();
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
+            match self.commit.poisoned() {
+                Some(cause) => Err(Error::Poisoned { cause }),
+                None => self.commit.sync_all_written(self.faults()),
+            }
+        };
+        {
+            let mut state = self.state.write();
+            state.keydir = KeyDir::new();
+            state.segments.clear();
+        }
+        self.lock.lock().take();
+        result
+    }
+}
+
+impl State {
+    /// Reads and verifies the put operation at `pointer`, which must hold
+    /// `key`; returns its value and expiry. `buf` holds bytes read from the
+    /// active segment.
+    fn read_op<'a>(
+        &'a self,
+        dir: &Path,
+        key: &[u8],
+        pointer: RecordPointer,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<(&'a [u8], u64)> {
+        let offset = u64::from(pointer.offset);
+        let len = pointer.len as usize;
+        let bytes: &[u8] = match self.segments.get(&pointer.segment) {
+            Some(SegmentReader::Sealed(s)) => s
+                .bytes()
+                .get(offset as usize..offset as usize + len)
+                .ok_or_else(|| {
+                    Error::corruption(
+                        s.path(),
+                        offset,
+                        "indexed record lies beyond the segment's end",
+                    )
+                })?,
+            Some(SegmentReader::Active(file)) => {
+                buf.resize(len, 0);
+                file.read_exact_at(buf, offset).context(|| {
+                    format!(
+                        "read {len} bytes at {offset} of segment {}",
+                        pointer.segment
+                    )
+                })?;
+                buf
+            }
+            None => {
+                return Err(Error::corruption(
+                    pointer.segment.path_in(dir),
+                    offset,
+                    "indexed segment is not open",
+                ));
+            }
+        };
+        let corrupt =
+            |reason: String| Error::corruption(pointer.segment.path_in(dir), offset, reason);
+        let (op, _) = decode_op(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if op.key != key {
+            return Err(corrupt("indexed operation holds another key".into()));
+        }
+        Ok((op.value, op.expire_ts))
+    }
+
+    /// The live entry of `key` at time `now`.
+    fn live(&self, key: &[u8], now: u64) -> Option<KeyEntry> {
+        self.keydir
+            .get(key)
+            .filter(|e| e.expire_ts == 0 || e.expire_ts > now)
+    }
+}
+
+impl Syncer {
+    fn start(inner: Weak<Inner>, every: Duration) -> Syncer {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("dkv-cask-sync".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                let mut stopped = lock.lock();
+                while !*stopped {
+                    cv.wait_for(&mut stopped, every);
+                    if *stopped {
+                        break;
+                    }
+                    let Some(inner) = inner.upgrade() else { break };
+                    // A failure poisons the writer; the next write reports it.
+                    let _ = inner.commit.sync_all_written(inner.faults());
+                }
+            })
+            .expect("spawn the interval sync thread");
+        Syncer { stop, handle }
+    }
+
+    fn stop(self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        let _ = self.handle.join();
+    }
+}
+
+impl KvStore for Store {
+    fn put(&self, pairs: &[KvPair]) -> Result<()> {
+        self.inner.check_open()?;
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let mut builder = RecordBuilder::new(None);
+        let mut ops = Vec::with_capacity(pairs.len());
+        let mut size = 0u64;
+        for p in pairs {
+            check_key(&p.key)?;
+            check_value(&p.value)?;
+            size += RecordBuilder::op_len(p.key.len(), p.value.len());
+            if size > self.inner.options.max_batch_bytes {
+                return Err(Error::BatchTooLarge {
+                    bytes: pairs
+                        .iter()
+                        .map(|p| RecordBuilder::op_len(p.key.len(), p.value.len()))
+                        .sum(),
+                    max: self.inner.options.max_batch_bytes,
+                });
+            }
+        }
+        for p in pairs {
+            let offset = builder.push_put(&p.key, &p.value, p.expire_ts);
+            ops.push(Pending {
+                key: &p.key,
+                offset,
+                len: RecordBuilder::op_len(p.key.len(), p.value.len()) as u32,
+                expire_ts: p.expire_ts,
+                delete: false,
+            });
+        }
+        self.inner.write_batch(&mut builder, &ops)
+    }
+
+    fn get(&self, keys: &[&[u8]]) -> Result<Vec<KvPair>> {
+        self.inner.check_open()?;
+        let now = self.inner.options.clock.now();
+        let state = self.inner.state.read();
+        let mut out = Vec::with_capacity(keys.len());
+        let mut buf = Vec::new();
+        for &key in keys {
+            let Some(entry) = state.live(key, now) else {
+                continue;
+            };
+            let (value, expire_ts) =
+                state.read_op(&self.inner.dir, key, entry.pointer, &mut buf)?;
+            out.push(KvPair {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                expire_ts,
+            });
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<()> {
+        self.inner.check_open()?;
+        check_key(key)?;
+        let mut builder = RecordBuilder::new(None);
+        let offset = builder.push_delete(key);
+        let ops = [Pending {
+            key,
+            offset,
+            len: RecordBuilder::op_len(key.len(), 0) as u32,
+            expire_ts: 0,
+            delete: true,
+        }];
+        let change_number = {
+            let mut w = self.inner.writer.lock();
+            // Nothing to delete: no record, no change number.
+            if self.inner.state.read().keydir.get(key).is_none() {
+                return self.inner.check_open();
+            }
+            self.inner.append_locked(&mut w, &mut builder, &ops)?
+        };
+        self.inner.finish_write(change_number)
+    }
+
+    fn compare_and_set(&self, request: &CompareAndSetRequest) -> Result<bool> {
+        self.inner.check_open()?;
+        check_key(&request.key)?;
+        check_value(&request.new_value)?;
+        let mut builder = RecordBuilder::new(None);
+        let offset = builder.push_put(&request.key, &request.new_value, request.expire_ts);
+        self.inner.check_batch_size(&builder)?;
+        let ops = [Pending {
+            key: &request.key,
+            offset,
+            len: RecordBuilder::op_len(request.key.len(), request.new_value.len()) as u32,
+            expire_ts: request.expire_ts,
+            delete: false,
+        }];
+        let change_number = {
+            let mut w = self.inner.writer.lock();
+            let matches = {
+                let now = self.inner.options.clock.now();
+                let state = self.inner.state.read();
+                let mut buf = Vec::new();
+                match state.live(&request.key, now) {
+                    None => request.old_value.is_empty(),
+                    Some(_) if request.old_value.is_empty() => false,
+                    Some(entry) => {
+                        let (value, _) = state.read_op(
+                            &self.inner.dir,
+                            &request.key,
+                            entry.pointer,
+                            &mut buf,
+                        )?;
+                        value == request.old_value.as_slice()
+                    }
+                }
+            };
+            if !matches {
+                self.inner.check_open()?;
+                return Ok(false);
+            }
+            self.inner.append_locked(&mut w, &mut builder, &ops)?
+        };
+        self.inner.finish_write(change_number)?;
+        Ok(true)
+    }
+
+    fn iterate(
+        &self,
+        options: &IterationOptions,
+    ) -> Result<Box<dyn Iterator<Item = Result<KvPair>> + Send>> {
+        Ok(Box::new(self.iter(options)?))
+    }
+
+    fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.inner.close();
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .field("last_change_number", &self.last_change_number())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Size of a segment file's header; exposed for tools that cut files.
+pub const SEGMENT_HEADER_BYTES: u64 = SEGMENT_HEADER_LEN as u64;

@@ -1,0 +1,121 @@
+//! Helpers shared by the integration tests: stores in temporary folders,
+//! pair builders, and a deterministic random generator that prints its seed.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use dkv_cask::serverpb::KvPair;
+use dkv_cask::{KvStore, Options, Store, SyncMode};
+
+/// A store in a fresh temporary folder, kept alive with it.
+pub struct TempStore {
+    pub dir: tempfile::TempDir,
+    pub store: Store,
+}
+
+/// Options for tests: small segments so rollover is exercised, no sync.
+pub fn test_options() -> Options {
+    Options {
+        sync_mode: SyncMode::Never,
+        segment_size: 64 << 10,
+        preallocate: true,
+        max_batch_bytes: 32 << 10,
+        ..Options::default()
+    }
+}
+
+/// Opens a store with `options` in a new temporary folder.
+pub fn temp_store(options: Options) -> TempStore {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), options).expect("open store");
+    TempStore { dir, store }
+}
+
+/// Reopens the store at `path`.
+pub fn reopen(path: &Path, options: Options) -> Store {
+    Store::open(path, options).expect("reopen store")
+}
+
+/// A pair without expiry.
+pub fn pair(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> KvPair {
+    KvPair {
+        key: key.as_ref().to_vec(),
+        value: value.as_ref().to_vec(),
+        expire_ts: 0,
+    }
+}
+
+/// A pair expiring at `expire_ts`.
+pub fn pair_ttl(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, expire_ts: u64) -> KvPair {
+    KvPair {
+        expire_ts,
+        ..pair(key, value)
+    }
+}
+
+/// The value of `key`, if live.
+pub fn value_of(store: &impl KvStore, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+    let mut found = store.get(&[key.as_ref()]).expect("get");
+    assert!(found.len() <= 1);
+    found.pop().map(|p| p.value)
+}
+
+/// Now in Unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Every live pair of the store, in iteration order.
+pub fn all_pairs(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .iter(&dkv_cask::IterationOptions::new())
+        .expect("iterate")
+        .map(|p| {
+            let p = p.expect("iteration item");
+            (p.key, p.value)
+        })
+        .collect()
+}
+
+/// A seeded xorshift generator; `from_env` prints the seed so a failure can
+/// be replayed with `DKV_TEST_SEED`.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+
+    pub fn from_env(test: &str) -> Self {
+        let seed = std::env::var("DKV_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{test}: DKV_TEST_SEED={seed}");
+        Rng::new(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
