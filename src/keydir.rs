@@ -318,11 +318,11 @@ impl KeyDir {
 
     /// Calls `f` with each key at or after `from` (after it when
     /// `exclusive`), in ascending order, until `f` returns `false`.
-    pub fn scan_from(
-        &self,
+    pub fn scan_from<'a>(
+        &'a self,
         from: &[u8],
         exclusive: bool,
-        mut f: impl FnMut(&[u8], KeyEntry) -> bool,
+        mut f: impl FnMut(&'a [u8], KeyEntry) -> bool,
     ) {
         let first = self.leaf_for(from);
         let start_fence: &[u8] = self

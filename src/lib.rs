@@ -26,6 +26,8 @@
 
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod helpers;
 mod iter;
 mod keydir;

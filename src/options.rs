@@ -125,8 +125,10 @@ pub struct Options {
     /// created, so that later appends and `fdatasync` do not change the
     /// file's size (about twice as fast per sync on ext4). Default: `true`.
     pub preallocate: bool,
-    /// Largest encoded batch accepted by one write, in bytes. Default:
-    /// 32 MiB. Must leave room for headers within `segment_size`.
+    /// Largest encoded batch accepted by one write, in bytes (the sum of
+    /// 20 bytes plus key and value per pair). Default: 32 MiB. The limit in
+    /// force is capped at what fits in one segment
+    /// ([`Options::batch_limit`]).
     pub max_batch_bytes: u64,
     /// Clock for expiry. Default: the system clock.
     pub clock: Clock,
@@ -149,6 +151,15 @@ impl Default for Options {
 }
 
 impl Options {
+    /// The batch size limit in force: `max_batch_bytes`, capped so that a
+    /// batch always fits in an empty segment.
+    pub fn batch_limit(&self) -> u64 {
+        self.max_batch_bytes.min(
+            self.segment_size
+                .saturating_sub(crate::format::max_overhead()),
+        )
+    }
+
     /// Checks that the options can work together.
     pub(crate) fn validate(&self) -> Result<()> {
         if self.segment_size < 4096 {
@@ -164,12 +175,10 @@ impl Options {
                 u32::MAX
             )));
         }
-        let room = self.segment_size - crate::format::max_overhead();
-        if self.max_batch_bytes == 0 || self.max_batch_bytes > room {
-            return Err(Error::InvalidOptions(format!(
-                "max_batch_bytes {} must be between 1 and {room} for a segment_size of {}",
-                self.max_batch_bytes, self.segment_size
-            )));
+        if self.max_batch_bytes == 0 {
+            return Err(Error::InvalidOptions(
+                "max_batch_bytes must be at least 1".into(),
+            ));
         }
         if let SyncMode::Interval(d) = self.sync_mode
             && d.is_zero()

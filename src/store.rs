@@ -13,6 +13,8 @@
 //!
 //! Readers never wait for an `fdatasync`: syncs run with no lock held.
 
+mod write;
+
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -32,6 +34,7 @@ use crate::log::{ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId};
 use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
 use crate::serverpb::{CompareAndSetRequest, KvPair};
+use write::{OpMeta, WriteKind, WriteOp, WriteQueue};
 
 /// DKV's `KVStore`, translated to Rust.
 ///
@@ -79,6 +82,8 @@ pub(crate) struct Inner {
     options: Options,
     /// The directory lock; taken out by `close`.
     lock: Mutex<Option<DirLock>>,
+    /// Writers waiting for a leader (see `write`); taken before lock 1.
+    queue: WriteQueue,
     /// Lock 1: the append position and the active segment.
     writer: Mutex<Writer>,
     /// Lock 2: the index and the segment table.
@@ -92,6 +97,8 @@ pub(crate) struct Inner {
 
 struct Writer {
     active: ActiveSegment,
+    /// The records of one group, written with one `pwrite`.
+    buffer: Vec<u8>,
 }
 
 /// What readers need: the index and a way to read every segment.
@@ -105,15 +112,6 @@ enum SegmentReader {
     Sealed(SealedSegment),
     /// Read through positional reads of the file being appended to.
     Active(Arc<File>),
-}
-
-/// One operation of a batch, with where the builder put it.
-struct Pending<'a> {
-    key: &'a [u8],
-    offset: u32,
-    len: u32,
-    expire_ts: u64,
-    delete: bool,
 }
 
 struct Syncer {
@@ -190,7 +188,11 @@ impl Store {
             dir,
             options,
             lock: Mutex::new(Some(lock)),
-            writer: Mutex::new(Writer { active }),
+            queue: WriteQueue::default(),
+            writer: Mutex::new(Writer {
+                active,
+                buffer: Vec::new(),
+            }),
             state: RwLock::new(State {
                 keydir: recovered.keydir,
                 segments,
@@ -277,49 +279,6 @@ impl Inner {
         self.options.fault_injector.as_deref()
     }
 
-    /// Appends one record and publishes its operations to the index. The
-    /// writer lock is held by the caller. Returns the change number.
-    fn append_locked(
-        &self,
-        w: &mut Writer,
-        builder: &mut RecordBuilder,
-        ops: &[Pending<'_>],
-    ) -> Result<u64> {
-        self.check_open()?;
-        if let Some(cause) = self.commit.poisoned() {
-            return Err(Error::Poisoned { cause });
-        }
-        if !w.active.fits(builder.len() as u64) {
-            self.rollover(w)?;
-        }
-        let record_offset = w.active.offset;
-        let (change_number, bytes) = builder.stamp(w.active.position(), self.commit.durable());
-        if let Err(e) = w.active.append(bytes, self.faults()) {
-            self.commit.poison(e.to_string());
-            return Err(e);
-        }
-        self.commit.set_written(change_number);
-        let segment = w.active.id;
-        let mut state = self.state.write();
-        for op in ops {
-            if op.delete {
-                state.keydir.remove(op.key);
-            } else {
-                let entry = KeyEntry {
-                    pointer: RecordPointer {
-                        segment,
-                        offset: (record_offset + u64::from(op.offset)) as u32,
-                        len: op.len,
-                    },
-                    expire_ts: op.expire_ts,
-                    change_number,
-                };
-                state.keydir.insert(op.key, entry);
-            }
-        }
-        Ok(change_number)
-    }
-
     /// Seals the active segment and starts the next one. Any failure poisons
     /// the writer: the on-disk state is then only trusted after reopen.
     fn rollover(&self, w: &mut Writer) -> Result<()> {
@@ -358,28 +317,12 @@ impl Inner {
         result
     }
 
-    /// Waits for durability when the sync mode asks for it.
-    fn finish_write(&self, change_number: u64) -> Result<()> {
-        if self.options.sync_mode.waits_for_sync() {
-            self.commit.wait_durable(change_number, self.faults())?;
-        }
-        Ok(())
-    }
-
-    fn write_batch(&self, builder: &mut RecordBuilder, ops: &[Pending<'_>]) -> Result<()> {
-        let change_number = {
-            let mut w = self.writer.lock();
-            self.append_locked(&mut w, builder, ops)?
-        };
-        self.finish_write(change_number)
-    }
-
     fn check_batch_size(&self, builder: &RecordBuilder) -> Result<()> {
         let bytes = builder.payload_len() as u64;
-        if bytes > self.options.max_batch_bytes {
+        if bytes > self.options.batch_limit() {
             return Err(Error::BatchTooLarge {
                 bytes,
-                max: self.options.max_batch_bytes,
+                max: self.options.batch_limit(),
             });
         }
         Ok(())
@@ -400,7 +343,7 @@ impl Inner {
         self.check_open()?;
         let now = self.options.clock.now();
         let state = self.state.read();
-        let mut last: Option<Vec<u8>> = None;
+        let mut last: Option<&[u8]> = None;
         let mut finished = true;
         let mut visited = 0;
         let mut failure = None;
@@ -416,7 +359,7 @@ impl Inner {
                 return false;
             }
             visited += 1;
-            last = Some(key.to_vec());
+            last = Some(key);
             if entry.expire_ts != 0 && entry.expire_ts <= now {
                 return true;
             }
@@ -437,7 +380,7 @@ impl Inner {
         });
         match failure {
             Some(e) => Err(e),
-            None => Ok((last, finished)),
+            None => Ok((last.map(<[u8]>::to_vec), finished)),
         }
     }
 
@@ -560,34 +503,33 @@ impl KvStore for Store {
         if pairs.is_empty() {
             return Ok(());
         }
-        let mut builder = RecordBuilder::new(None);
-        let mut ops = Vec::with_capacity(pairs.len());
         let mut size = 0u64;
         for p in pairs {
             check_key(&p.key)?;
             check_value(&p.value)?;
             size += RecordBuilder::op_len(p.key.len(), p.value.len());
-            if size > self.inner.options.max_batch_bytes {
-                return Err(Error::BatchTooLarge {
-                    bytes: pairs
-                        .iter()
-                        .map(|p| RecordBuilder::op_len(p.key.len(), p.value.len()))
-                        .sum(),
-                    max: self.inner.options.max_batch_bytes,
-                });
-            }
         }
+        if size > self.inner.options.batch_limit() {
+            return Err(Error::BatchTooLarge {
+                bytes: size,
+                max: self.inner.options.batch_limit(),
+            });
+        }
+        let mut builder = RecordBuilder::new(None);
+        let mut ops = Vec::with_capacity(pairs.len());
         for p in pairs {
             let offset = builder.push_put(&p.key, &p.value, p.expire_ts);
-            ops.push(Pending {
-                key: &p.key,
+            ops.push(OpMeta {
                 offset,
                 len: RecordBuilder::op_len(p.key.len(), p.value.len()) as u32,
+                key_len: p.key.len() as u16,
                 expire_ts: p.expire_ts,
                 delete: false,
             });
         }
-        self.inner.write_batch(&mut builder, &ops)
+        self.inner
+            .submit(WriteOp::new(WriteKind::Batch, builder, ops))
+            .map(drop)
     }
 
     fn get(&self, keys: &[&[u8]]) -> Result<Vec<KvPair>> {
@@ -616,22 +558,16 @@ impl KvStore for Store {
         check_key(key)?;
         let mut builder = RecordBuilder::new(None);
         let offset = builder.push_delete(key);
-        let ops = [Pending {
-            key,
+        let ops = vec![OpMeta {
             offset,
             len: RecordBuilder::op_len(key.len(), 0) as u32,
+            key_len: key.len() as u16,
             expire_ts: 0,
             delete: true,
         }];
-        let change_number = {
-            let mut w = self.inner.writer.lock();
-            // Nothing to delete: no record, no change number.
-            if self.inner.state.read().keydir.get(key).is_none() {
-                return self.inner.check_open();
-            }
-            self.inner.append_locked(&mut w, &mut builder, &ops)?
-        };
-        self.inner.finish_write(change_number)
+        self.inner
+            .submit(WriteOp::new(WriteKind::DeleteIfPresent, builder, ops))
+            .map(drop)
     }
 
     fn compare_and_set(&self, request: &CompareAndSetRequest) -> Result<bool> {
@@ -641,41 +577,16 @@ impl KvStore for Store {
         let mut builder = RecordBuilder::new(None);
         let offset = builder.push_put(&request.key, &request.new_value, request.expire_ts);
         self.inner.check_batch_size(&builder)?;
-        let ops = [Pending {
-            key: &request.key,
+        let ops = vec![OpMeta {
             offset,
             len: RecordBuilder::op_len(request.key.len(), request.new_value.len()) as u32,
+            key_len: request.key.len() as u16,
             expire_ts: request.expire_ts,
             delete: false,
         }];
-        let change_number = {
-            let mut w = self.inner.writer.lock();
-            let matches = {
-                let now = self.inner.options.clock.now();
-                let state = self.inner.state.read();
-                let mut buf = Vec::new();
-                match state.live(&request.key, now) {
-                    None => request.old_value.is_empty(),
-                    Some(_) if request.old_value.is_empty() => false,
-                    Some(entry) => {
-                        let (value, _) = state.read_op(
-                            &self.inner.dir,
-                            &request.key,
-                            entry.pointer,
-                            &mut buf,
-                        )?;
-                        value == request.old_value.as_slice()
-                    }
-                }
-            };
-            if !matches {
-                self.inner.check_open()?;
-                return Ok(false);
-            }
-            self.inner.append_locked(&mut w, &mut builder, &ops)?
-        };
-        self.inner.finish_write(change_number)?;
-        Ok(true)
+        let kind = WriteKind::CompareAndSet(request.old_value.clone());
+        let outcome = self.inner.submit(WriteOp::new(kind, builder, ops))?;
+        Ok(outcome.is_some())
     }
 
     fn iterate(

@@ -205,6 +205,11 @@ pub fn decode_record(buf: &[u8]) -> Result<Record<'_>, FormatError> {
         needed: header.record_len(),
         available: buf.len() as u64,
     })?;
+    if header.change_number < header.record_len() {
+        return Err(FormatError::Invalid(
+            "change number below the record's own length",
+        ));
+    }
     let payload = &bytes[RECORD_HEADER_LEN..];
     if crc32fast::hash(payload) != header.payload_crc {
         return Err(FormatError::BadPayloadChecksum);
@@ -361,6 +366,11 @@ impl RecordBuilder {
     /// Number of operations pushed.
     pub fn op_count(&self) -> u32 {
         self.op_count
+    }
+
+    /// The record's bytes so far (the header is filled in by `stamp`).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
     }
 
     /// Whole record length in bytes.

