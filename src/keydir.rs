@@ -467,4 +467,20 @@ mod tests {
         assert!(kd.insert_if_newer(b"k", entry(9)).0);
         assert_eq!(kd.get(b"k"), Some(entry(9)));
     }
+
+    #[test]
+    fn a_million_sixteen_byte_keys_cost_at_most_48_bytes_each_beyond_the_key() {
+        let mut kd = KeyDir::new();
+        let mut seed = 0x1234_5678_9ABC_DEF1u64;
+        let n = 1_000_000u64;
+        for i in 0..n {
+            // Random order, as a hash-partitioned workload would insert.
+            let k = xorshift(&mut seed);
+            kd.insert(format!("{:016x}", k).as_bytes(), entry(i));
+        }
+        let per_key = kd.memory_bytes() as f64 / kd.len() as f64 - 16.0;
+        assert!(kd.len() as u64 > n - 10, "keys collided: {}", kd.len());
+        eprintln!("KeyDir: {per_key:.1} bytes per key beyond the key");
+        assert!(per_key <= 48.0, "{per_key:.1} bytes per key beyond the key");
+    }
 }

@@ -4,9 +4,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::fault::{FaultInjector, IoPoint, check};
 use crate::error::{Error, IoContext, Result};
+
+/// How long a busy directory lock is retried before `Error::Locked`.
+const LOCK_RETRY: Duration = Duration::from_millis(250);
 
 /// Name of the lock file inside a store directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -53,13 +57,26 @@ impl DirLock {
             .write(true)
             .open(&path)
             .context(|| format!("open lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(DirLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
-                dir: dir.to_path_buf(),
-            }),
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(Error::io(format!("lock {}", path.display()), e))
+        // A process being spawned by another thread holds a copy of every
+        // descriptor (and so of this lock's open file description) from fork
+        // until exec closes it. A handle closed in that window releases its
+        // lock only a moment later, so a busy lock is retried briefly before
+        // it is reported.
+        let deadline = Instant::now() + LOCK_RETRY;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(format!("lock {}", path.display()), e));
+                }
             }
         }
     }
