@@ -126,6 +126,38 @@ impl Error {
         }
     }
 
+    /// A copy of this error, to report one failure to every writer it hit.
+    /// An I/O error keeps its context, kind, OS error code and message.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::Poisoned { cause } => Error::Poisoned {
+                cause: cause.clone(),
+            },
+            other => Error::Poisoned {
+                cause: other.chain(),
+            },
+        }
+    }
+
+    /// This error and its causes, on one line.
+    pub fn chain(&self) -> String {
+        let mut s = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cause = c.source();
+        }
+        s
+    }
+
     /// A corruption error for `file` at `offset`.
     pub(crate) fn corruption(
         file: impl Into<PathBuf>,

@@ -3,6 +3,7 @@
 //! 4 KiB (no allocation per key), found through a small ordered directory of
 //! leaf fences, so the cost per key is the key plus about 40 bytes.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -62,11 +63,32 @@ impl KeyEntry {
 }
 
 /// A sorted run of entries packed as `[key len u16][key][entry]`, with the
-/// start offset of each entry in `offs`.
+/// start offset of each entry in `offs`. Every key shares its first
+/// `hint_at` bytes with the others; `hints[i]` holds the next four bytes of
+/// key `i` (big-endian, zero-padded), so a search compares small integers in
+/// one short array and touches a key only to break a tie.
 #[derive(Debug, Default)]
 struct Leaf {
     data: Vec<u8>,
     offs: Vec<u32>,
+    hints: Vec<u32>,
+    hint_at: u16,
+}
+
+/// Four bytes of `key` from `at`, big-endian and zero-padded: ordering
+/// hints agrees (non-strictly) with ordering keys that share `key[..at]`.
+fn hint_of(key: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    if let Some(rest) = key.get(at..) {
+        let n = rest.len().min(4);
+        b[..n].copy_from_slice(&rest[..n]);
+    }
+    u32::from_be_bytes(b)
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Leaf {
@@ -89,11 +111,47 @@ impl Leaf {
     }
 
     fn search(&self, key: &[u8]) -> Result<usize, usize> {
-        self.offs.binary_search_by(|&at| {
-            let at = at as usize;
-            let len = usize::from(LE::read_u16(&self.data[at..]));
-            self.data[at + KEY_LEN_LEN..at + KEY_LEN_LEN + len].cmp(key)
-        })
+        let n = self.offs.len();
+        if n == 0 {
+            return Err(0);
+        }
+        let at = usize::from(self.hint_at);
+        if at > 0 {
+            // Every key starts with `shared`: a key that differs in it sorts
+            // before or after all of them.
+            let shared = &self.key(0)[..at];
+            let head = &key[..key.len().min(at)];
+            match head.cmp(shared) {
+                Ordering::Less => return Err(0),
+                Ordering::Greater => return Err(n),
+                Ordering::Equal if key.len() < at => return Err(0),
+                Ordering::Equal => {}
+            }
+        }
+        let h = hint_of(key, at);
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.hints[mid].cmp(&h).then_with(|| self.key(mid).cmp(key)) {
+                Ordering::Less => lo = mid + 1,
+                Ordering::Greater => hi = mid,
+                Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(lo)
+    }
+
+    /// Recomputes `hint_at` as the keys' common prefix and every hint.
+    fn rebuild_hints(&mut self) {
+        let n = self.offs.len();
+        let at = if n < 2 {
+            0
+        } else {
+            common_prefix(self.key(0), self.key(n - 1)).min(usize::from(u16::MAX))
+        };
+        self.hint_at = at as u16;
+        let hints: Vec<u32> = (0..n).map(|i| hint_of(self.key(i), at)).collect();
+        self.hints = hints;
     }
 
     /// Grows a vector by at most an eighth, so slack stays small.
@@ -118,6 +176,21 @@ impl Leaf {
             *o += size as u32;
         }
         self.offs.insert(i, at as u32);
+        if self.offs.len() == 1 {
+            self.hint_at = 0;
+        }
+        let shared = usize::from(self.hint_at);
+        if self.offs.len() > 1 && shared > 0 {
+            let other = if i == 0 { 1 } else { 0 };
+            if common_prefix(key, self.key(other)) < shared {
+                // The new key leaves the shared prefix: shorten it.
+                self.hints.insert(i, 0);
+                self.rebuild_hints();
+                return;
+            }
+        }
+        Self::reserve(&mut self.hints, 1);
+        self.hints.insert(i, hint_of(key, shared));
     }
 
     fn remove_at(&mut self, i: usize) -> KeyEntry {
@@ -128,6 +201,7 @@ impl Leaf {
         self.data.copy_within(end.., at);
         self.data.truncate(self.data.len() - size);
         self.offs.remove(i);
+        self.hints.remove(i);
         for o in &mut self.offs[i..] {
             *o -= size as u32;
         }
@@ -145,6 +219,8 @@ impl Leaf {
         let mut right = Leaf {
             data: self.data[cut..].to_vec(),
             offs: self.offs[mid..].iter().map(|&o| o - cut as u32).collect(),
+            hints: Vec::new(),
+            hint_at: 0,
         };
         self.data.truncate(cut);
         self.offs.truncate(mid);
@@ -152,11 +228,81 @@ impl Leaf {
         self.offs.shrink_to_fit();
         right.data.shrink_to_fit();
         right.offs.shrink_to_fit();
+        self.rebuild_hints();
+        right.rebuild_hints();
+        self.hints.shrink_to_fit();
+        right.hints.shrink_to_fit();
         right
     }
 
     fn heap_bytes(&self) -> usize {
-        self.data.capacity() + self.offs.capacity() * 4
+        self.data.capacity() + self.offs.capacity() * 4 + self.hints.capacity() * 4
+    }
+}
+
+/// A leaf's fence key, stored inline when short so that a directory search
+/// compares bytes inside the B-tree node instead of chasing a pointer.
+#[derive(Clone, Debug)]
+enum FenceKey {
+    Inline { len: u8, bytes: [u8; FENCE_INLINE] },
+    Heap(Box<[u8]>),
+}
+
+/// Fence keys up to this length are stored inline.
+const FENCE_INLINE: usize = 22;
+
+impl FenceKey {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= FENCE_INLINE {
+            let mut bytes = [0u8; FENCE_INLINE];
+            bytes[..key.len()].copy_from_slice(key);
+            FenceKey::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            FenceKey::Heap(key.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            FenceKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            FenceKey::Heap(b) => b,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            FenceKey::Inline { .. } => 0,
+            FenceKey::Heap(b) => b.len(),
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for FenceKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for FenceKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for FenceKey {}
+
+impl PartialOrd for FenceKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for FenceKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.as_slice().cmp(other.as_slice())
     }
 }
 
@@ -168,7 +314,7 @@ pub struct KeyDir {
     free: Vec<u32>,
     /// Fence (lowest possible key) of each leaf → its slot. The first fence
     /// is the empty key, so every key has a leaf.
-    fences: BTreeMap<Box<[u8]>, u32>,
+    fences: BTreeMap<FenceKey, u32>,
     len: usize,
     key_bytes: usize,
 }
@@ -183,7 +329,7 @@ impl KeyDir {
     /// An empty index.
     pub fn new() -> Self {
         let mut fences = BTreeMap::new();
-        fences.insert(Box::<[u8]>::default(), 0);
+        fences.insert(FenceKey::new(&[]), 0);
         KeyDir {
             leaves: vec![Leaf::default()],
             free: Vec::new(),
@@ -213,11 +359,11 @@ impl KeyDir {
     pub fn memory_bytes(&self) -> usize {
         let leaves: usize = self.leaves.iter().map(Leaf::heap_bytes).sum();
         let slots = self.leaves.capacity() * std::mem::size_of::<Leaf>();
-        // A BTreeMap slot holds a boxed key and a u32; count the boxes too.
+        // A BTreeMap slot holds a fence key and a u32; count long keys' boxes.
         let fences: usize = self
             .fences
             .keys()
-            .map(|k| k.len() + std::mem::size_of::<(Box<[u8]>, u32)>())
+            .map(|k| k.heap_bytes() + std::mem::size_of::<(FenceKey, u32)>())
             .sum();
         leaves + slots + fences + self.free.capacity() * 4
     }
@@ -274,7 +420,7 @@ impl KeyDir {
             return;
         }
         let right = leaf.split();
-        let fence: Box<[u8]> = right.key(0).into();
+        let fence = FenceKey::new(right.key(0));
         let rid = match self.free.pop() {
             Some(slot) => {
                 self.leaves[slot as usize] = right;
@@ -329,7 +475,7 @@ impl KeyDir {
             .fences
             .range::<[u8], _>((Bound::Unbounded, Bound::Included(from)))
             .next_back()
-            .map(|(k, _)| &**k)
+            .map(|(k, _)| k.as_slice())
             .unwrap_or(&[]);
         let leaf = &self.leaves[first as usize];
         let mut i = match leaf.search(from) {

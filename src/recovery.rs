@@ -123,11 +123,16 @@ pub(crate) fn recover(
     let mut keydir = KeyDir::new();
     let mut report = RecoveryReport::default();
     let mut segments: Vec<ScannedSegment> = Vec::with_capacity(ids.len());
+    let mut skipped_previous = false;
     for (i, &id) in ids.iter().enumerate() {
         let newest = i + 1 == ids.len();
         let path = id.path_in(dir);
         let map = SealedSegment::open(&path)?;
-        let expected_base = segments.last().map(ScannedSegment::end_position);
+        let expected_base = if std::mem::take(&mut skipped_previous) {
+            None
+        } else {
+            segments.last().map(ScannedSegment::end_position)
+        };
         let scanned = scan_segment(
             id,
             path,
@@ -139,12 +144,14 @@ pub(crate) fn recover(
             &mut report,
             faults,
         )?;
-        if let Some(s) = scanned {
-            segments.push(s);
-        } else {
+        match scanned {
+            Scan::Segment(s) => segments.push(s),
             // A newest segment torn while being created holds nothing: it
             // was removed, so the segment before it is the newest again.
-            sync_dir(dir, faults)?;
+            Scan::Removed => sync_dir(dir, faults)?,
+            // Reported in `skipped`; the next segment's base will not match,
+            // which is the same loss and is not reported twice.
+            Scan::Skipped => skipped_previous = true,
         }
     }
     report.segments = ids.len();
@@ -155,6 +162,16 @@ pub(crate) fn recover(
         segments,
         report,
     })
+}
+
+/// What became of one segment file.
+enum Scan {
+    /// Read; its records are in the index.
+    Segment(ScannedSegment),
+    /// A newest segment torn during its creation, removed.
+    Removed,
+    /// A damaged segment skipped whole (tolerant mode only).
+    Skipped,
 }
 
 /// How a damaged position is to be treated.
@@ -180,7 +197,7 @@ fn scan_segment(
     keydir: &mut KeyDir,
     report: &mut RecoveryReport,
     faults: Option<&FaultInjector>,
-) -> Result<Option<ScannedSegment>> {
+) -> Result<Scan> {
     let bytes = map.bytes();
     let header = match SegmentHeader::decode(bytes) {
         Ok(h) => h,
@@ -203,7 +220,16 @@ fn scan_segment(
                 reason: format!("segment header: {e}"),
             });
             fs::remove_file(&path).context(|| format!("remove torn segment {}", path.display()))?;
-            return Ok(None);
+            return Ok(Scan::Removed);
+        }
+        Err(e) if !newest && mode.skips_corruption() => {
+            report.skipped.push(DamagedRange {
+                file: path.clone(),
+                start: 0,
+                end: bytes.len() as u64,
+                reason: format!("segment header: {e}; the whole segment is skipped"),
+            });
+            return Ok(Scan::Skipped);
         }
         Err(e) => return Err(Error::corruption(path, 0, format!("segment header: {e}"))),
     };
@@ -217,18 +243,41 @@ fn scan_segment(
             ),
         ));
     }
-    if let Some(expected) = expected_base
-        && expected != header.base_position
-        && !mode.skips_corruption()
+    if header
+        .base_position
+        .checked_add(2 * u64::from(u32::MAX))
+        .is_none()
     {
         return Err(Error::corruption(
             path,
             0,
             format!(
-                "segment starts at log position {} but the previous one ends at {expected}",
+                "segment base position {} leaves no room for records",
                 header.base_position
             ),
         ));
+    }
+    if let Some(expected) = expected_base
+        && expected != header.base_position
+    {
+        let reason = format!(
+            "segment starts at log position {} but the previous one ends at {expected}",
+            header.base_position
+        );
+        if !mode.skips_corruption() {
+            return Err(Error::corruption(path, 0, reason));
+        }
+        // A segment file is missing (or the previous one lost its end): the
+        // records at the missing log positions are gone. Say so.
+        report.skipped.push(DamagedRange {
+            file: path.clone(),
+            start: 0,
+            end: 0,
+            reason: format!(
+                "{reason}: log positions {expected}..{} are missing",
+                header.base_position
+            ),
+        });
     }
     let base = header.base_position;
     let mut at = SEGMENT_HEADER_LEN;
@@ -329,7 +378,7 @@ fn scan_segment(
                 bytes: cut_bytes,
                 reason,
             });
-            return Ok(Some(ScannedSegment {
+            return Ok(Scan::Segment(ScannedSegment {
                 id,
                 map: SealedSegment::open(&path)?,
                 path,
@@ -338,7 +387,7 @@ fn scan_segment(
             }));
         }
     };
-    Ok(Some(ScannedSegment {
+    Ok(Scan::Segment(ScannedSegment {
         id,
         path,
         base_position: base,

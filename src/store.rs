@@ -312,7 +312,7 @@ impl Inner {
             Ok(())
         })();
         if let Err(e) = &result {
-            self.commit.poison(e.to_string());
+            self.commit.poison(e.chain());
         }
         result
     }

@@ -114,10 +114,13 @@ impl ActiveSegment {
             .len();
         if preallocate && len < seg.capacity {
             seg.zero_fill(faults)?;
-            check(faults, IoPoint::Sync)
-                .and_then(|()| seg.file.sync_all())
-                .context(|| format!("sync segment {}", path.display()))?;
         }
+        // What recovery found may still sit only in the page cache (the last
+        // process wrote without syncing and exited). Make it durable before
+        // the store reports it as such and stamps it as synced in new records.
+        check(faults, IoPoint::Sync)
+            .and_then(|()| seg.file.sync_all())
+            .context(|| format!("sync segment {}", path.display()))?;
         Ok(seg)
     }
 
@@ -283,7 +286,7 @@ impl GroupCommit {
                 }
                 Err(e) => {
                     let err = Error::io("sync the active segment", e);
-                    g.poisoned.get_or_insert_with(|| err.to_string());
+                    g.poisoned.get_or_insert_with(|| err.chain());
                     self.done.notify_all();
                     return Err(err);
                 }

@@ -166,12 +166,9 @@ impl Inner {
         if let (Some(cn), true) = (last, self.options.sync_mode.waits_for_sync())
             && let Err(e) = self.commit.wait_durable(cn, self.faults())
         {
-            let cause = e.to_string();
-            let mut first_error = Some(e);
+            // Every appended record of the group missed its sync.
             for o in outcomes.iter_mut().filter(|o| matches!(o, Ok(Some(_)))) {
-                *o = Err(first_error.take().unwrap_or_else(|| Error::Poisoned {
-                    cause: cause.clone(),
-                }));
+                *o = Err(e.duplicate());
             }
         }
         // Hand the lead to the next writer before waking this group.
@@ -208,7 +205,8 @@ impl Inner {
             }
             if !matches!(ops[i].kind, WriteKind::Batch) {
                 if let Err(e) = self.flush_group(w, ops, &mut pending, &mut outcomes) {
-                    outcomes.push(Err(e));
+                    // This write was never attempted: the writer is poisoned.
+                    outcomes.push(Err(Error::Poisoned { cause: e.chain() }));
                     continue;
                 }
                 match self.condition_holds(&ops[i]) {
@@ -226,14 +224,14 @@ impl Inner {
             let len = ops[i].builder.len() as u64;
             if !w.active.fits(w.buffer.len() as u64 + len) {
                 let flushed = self.flush_group(w, ops, &mut pending, &mut outcomes);
-                let rolled = flushed.and_then(|()| {
-                    if w.active.fits(len) {
-                        Ok(())
-                    } else {
-                        self.rollover(w)
-                    }
-                });
-                if let Err(e) = rolled {
+                if let Err(e) = flushed {
+                    outcomes.push(Err(Error::Poisoned { cause: e.chain() }));
+                    continue;
+                }
+                if !w.active.fits(len)
+                    && let Err(e) = self.rollover(w)
+                {
+                    // The rollover's own failure is this write's error.
                     outcomes.push(Err(e));
                     continue;
                 }
@@ -270,12 +268,9 @@ impl Inner {
         w.buffer = buffer;
         w.buffer.clear();
         if let Err(e) = written {
-            let cause = e.to_string();
-            self.commit.poison(cause.clone());
+            self.commit.poison(e.chain());
             for &(i, _, _) in pending.iter() {
-                outcomes[i] = Err(Error::Poisoned {
-                    cause: cause.clone(),
-                });
+                outcomes[i] = Err(e.duplicate());
             }
             pending.clear();
             return Err(e);

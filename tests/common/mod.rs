@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
+
 use std::path::Path;
 
 use dkv_cask::serverpb::KvPair;
@@ -118,4 +120,19 @@ impl Rng {
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next_u64() as u8).collect()
     }
+}
+
+/// The handle that moves a manual clock: Unix seconds, set with
+/// `handle.store(t, Ordering::Relaxed)`.
+pub type ClockHandle = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// A manual clock starting at `now` Unix seconds, for deterministic expiry,
+/// and the handle that moves it.
+pub fn manual_clock(now: u64) -> (dkv_cask::Clock, ClockHandle) {
+    let clock = dkv_cask::Clock::manual(now);
+    let dkv_cask::Clock::Manual(seconds) = &clock else {
+        unreachable!("Clock::manual builds a manual clock")
+    };
+    let handle = std::sync::Arc::clone(seconds);
+    (clock, handle)
 }

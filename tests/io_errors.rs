@@ -1,0 +1,342 @@
+//! Failed writes, syncs, truncations, creates and directory syncs, injected
+//! through `Options::fault_injector`. A failure must reach the caller whose
+//! write it broke, poison the writer (later writes fail with
+//! `Error::Poisoned`, reads keep working), and lose nothing acknowledged: a
+//! reopen without the fault holds every acknowledged write and the failed
+//! write either whole or not at all, and takes writes again.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::disk::*;
+use common::*;
+use dkv_cask::serverpb::CompareAndSetRequest;
+use dkv_cask::{Error, FaultInjector, InjectedError, KvStore, Options, Store, SyncMode};
+
+fn options(sync_mode: SyncMode, faults: Option<&Arc<FaultInjector>>) -> Options {
+    Options {
+        sync_mode,
+        segment_size: 4096,
+        max_batch_bytes: 1024,
+        fault_injector: faults.cloned(),
+        ..Options::default()
+    }
+}
+
+fn errno(kind: InjectedError) -> i32 {
+    match kind {
+        InjectedError::Eio => 5,
+        InjectedError::NoSpace => 28,
+    }
+}
+
+/// Asserts that `err` is the injected I/O error.
+fn assert_injected(err: &Error, kind: InjectedError, label: &str) {
+    match err {
+        Error::Io { source, .. } => {
+            assert_eq!(source.raw_os_error(), Some(errno(kind)), "{label}: {err}");
+        }
+        other => panic!("{label}: expected the injected I/O error, got {other}"),
+    }
+}
+
+/// Single puts, three-pair batches and deletes of earlier keys, about two
+/// segments' worth, so the workload rolls over at least once.
+fn workload() -> Vec<Write> {
+    let value = |i: usize| format!("{i:03}").repeat(33).into_bytes();
+    (0..40)
+        .map(|i| match i % 4 {
+            0 | 1 => Write::Put(vec![pair(format!("single{i:03}"), value(i))]),
+            2 => Write::Put(
+                (0..3)
+                    .map(|j| pair(format!("batch{i:03}-{j}"), value(i + j)))
+                    .collect(),
+            ),
+            _ => Write::Delete(format!("single{:03}", i - 3).into_bytes()),
+        })
+        .collect()
+}
+
+/// How a run of the workload ended.
+struct Outcome {
+    /// Contents after every acknowledged write.
+    acked: Model,
+    /// The write that failed (its index) and its error.
+    failed: Option<(usize, Error)>,
+}
+
+/// Runs `writes` until one fails.
+fn run(store: &Store, writes: &[Write]) -> Outcome {
+    let mut acked = Model::new();
+    for (i, w) in writes.iter().enumerate() {
+        match w.run(store) {
+            Ok(()) => w.apply_to(&mut acked),
+            Err(e) => {
+                return Outcome {
+                    acked,
+                    failed: Some((i, e)),
+                };
+            }
+        }
+    }
+    Outcome {
+        acked,
+        failed: None,
+    }
+}
+
+/// Checks that later writes of every kind are refused as poisoned.
+fn assert_writes_refused(store: &Store, acked: &Model, label: &str) {
+    let put = store.put(&[pair("after-failure", "x")]);
+    assert!(
+        matches!(put, Err(Error::Poisoned { .. })),
+        "{label}: put gave {put:?}"
+    );
+    if let Some((key, value)) = acked.iter().next() {
+        let cas = store.compare_and_set(&CompareAndSetRequest {
+            key: key.clone(),
+            old_value: value.clone(),
+            new_value: b"swapped".to_vec(),
+            expire_ts: 0,
+        });
+        assert!(
+            matches!(cas, Err(Error::Poisoned { .. })),
+            "{label}: CAS gave {cas:?}"
+        );
+        let delete = store.delete(key);
+        assert!(
+            matches!(delete, Err(Error::Poisoned { .. })),
+            "{label}: delete gave {delete:?}"
+        );
+    }
+}
+
+/// Reopens `dir` without faults; checks the contents are one of `allowed`,
+/// that a write works and that it survives another reopen.
+fn assert_reopen_recovers(dir: &Path, sync_mode: SyncMode, allowed: &[&Model], label: &str) {
+    let store = Store::open(dir, options(sync_mode, None))
+        .unwrap_or_else(|e| panic!("{label}: reopen failed: {e}"));
+    let got = contents(&store);
+    assert!(
+        allowed.contains(&&got),
+        "{label}: reopened with {} keys, expected one of {:?} keys",
+        got.len(),
+        allowed.iter().map(|m| m.len()).collect::<Vec<_>>()
+    );
+    store
+        .put(&[pair("after-reopen", label)])
+        .unwrap_or_else(|e| panic!("{label}: write after reopen failed: {e}"));
+    store.close().expect("close");
+    let store = Store::open(dir, options(sync_mode, None)).expect("second reopen");
+    let mut want = got;
+    want.insert(b"after-reopen".to_vec(), label.as_bytes().to_vec());
+    assert!(contents(&store) == want, "{label}: write after reopen lost");
+    store.close().expect("close");
+}
+
+#[test]
+fn every_failing_io_call_of_a_synced_workload_poisons_the_writer_and_loses_no_acknowledged_write() {
+    let writes = workload();
+    // An unarmed run counts the workload's I/O calls.
+    let faults = Arc::new(FaultInjector::new());
+    let dir = scratch_dir();
+    let store = Store::open(dir.path(), options(SyncMode::Always, Some(&faults))).expect("open");
+    let at_open = faults.calls();
+    let clean = run(&store, &writes);
+    assert!(clean.failed.is_none());
+    let calls = faults.calls() - at_open;
+    assert!(
+        segment_files(dir.path()).len() >= 3,
+        "the workload should roll over twice"
+    );
+    store.close().expect("close");
+
+    for n in 0..calls {
+        for kind in [InjectedError::Eio, InjectedError::NoSpace] {
+            let label = format!("failing call {n} of {calls} with {kind:?}");
+            let faults = Arc::new(FaultInjector::new());
+            let dir = scratch_dir();
+            let store =
+                Store::open(dir.path(), options(SyncMode::Always, Some(&faults))).expect("open");
+            faults.fail_after(n, kind);
+            let outcome = run(&store, &writes);
+            assert_eq!(faults.fired(), 1, "{label}: the fault did not fire");
+            let (failed, err) = outcome
+                .failed
+                .unwrap_or_else(|| panic!("{label}: no write reported the failure"));
+            // The write whose own append failed is told `Poisoned` (see
+            // the ignored test below); any other failing call gives the
+            // injected error itself.
+            if !matches!(err, Error::Poisoned { .. }) {
+                assert_injected(&err, kind, &format!("{label}, write {failed}"));
+            }
+            let mut with_failed = outcome.acked.clone();
+            writes[failed].apply_to(&mut with_failed);
+            let allowed = [&outcome.acked, &with_failed];
+
+            assert_writes_refused(&store, &outcome.acked, &label);
+            let seen = contents(&store);
+            assert!(allowed.contains(&&seen), "{label}: reads after the failure");
+            // Point reads agree with the iterator, key by key.
+            for key in outcome.acked.keys().chain(with_failed.keys()) {
+                assert_eq!(value_of(&store, key).as_ref(), seen.get(key), "{label}");
+            }
+            let closed = store.close();
+            assert!(
+                matches!(closed, Err(Error::Poisoned { .. })),
+                "{label}: close gave {closed:?}"
+            );
+            assert_reopen_recovers(dir.path(), SyncMode::Always, &allowed, &label);
+        }
+    }
+}
+
+#[test]
+fn a_failed_explicit_sync_poisons_the_writer_and_reads_keep_working() {
+    let faults = Arc::new(FaultInjector::new());
+    let dir = scratch_dir();
+    let store = Store::open(dir.path(), options(SyncMode::Never, Some(&faults))).expect("open");
+    let outcome = run(&store, &workload()[..10]);
+    assert!(outcome.failed.is_none());
+    faults.fail_after(0, InjectedError::Eio);
+    let err = store.sync().expect_err("the sync should fail");
+    assert_injected(&err, InjectedError::Eio, "sync");
+    assert_writes_refused(&store, &outcome.acked, "after a failed sync");
+    let again = store.sync();
+    assert!(
+        matches!(again, Err(Error::Poisoned { .. })),
+        "a second sync gave {again:?}"
+    );
+    assert!(contents(&store) == outcome.acked);
+    assert!(matches!(store.close(), Err(Error::Poisoned { .. })));
+    assert_reopen_recovers(
+        dir.path(),
+        SyncMode::Never,
+        &[&outcome.acked],
+        "failed sync",
+    );
+}
+
+#[test]
+fn a_failed_background_sync_poisons_the_writer_and_the_next_write_reports_it() {
+    let faults = Arc::new(FaultInjector::new());
+    let dir = scratch_dir();
+    let mode = SyncMode::Interval(Duration::from_millis(5));
+    let store = Store::open(dir.path(), options(mode, Some(&faults))).expect("open");
+    let before = run(&store, &workload()[..4]);
+    assert!(before.failed.is_none());
+    // With everything synced the syncer makes no call, so the next call is
+    // this put's append and the one after it the syncer's sync.
+    store.sync().expect("sync");
+    faults.fail_after(1, InjectedError::NoSpace);
+    store.put(&[pair("unsynced", "u")]).expect("put");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while faults.fired() == 0 {
+        assert!(Instant::now() < deadline, "the background sync never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let put = store.put(&[pair("refused", "r")]);
+    assert!(
+        matches!(put, Err(Error::Poisoned { .. })),
+        "put gave {put:?}"
+    );
+    let mut with_unsynced = before.acked.clone();
+    with_unsynced.insert(b"unsynced".to_vec(), b"u".to_vec());
+    assert!(contents(&store) == with_unsynced);
+    assert!(matches!(store.close(), Err(Error::Poisoned { .. })));
+    // An interval sync may lose the writes of its interval, never more.
+    assert_reopen_recovers(
+        dir.path(),
+        mode,
+        &[&before.acked, &with_unsynced],
+        "failed background sync",
+    );
+}
+
+/// Builds the folders an open has I/O work for: a new store, a torn tail
+/// to cut, and a torn new segment to remove. Returns each with the contents
+/// a successful open must show.
+fn open_scenarios() -> Vec<(&'static str, tempfile::TempDir, Model)> {
+    let writes = workload();
+    let dir = scratch_dir();
+    let store = Store::open(dir.path(), options(SyncMode::Never, None)).expect("open");
+    let mut h = History::new(&store);
+    for w in &writes[..30] {
+        h.run(&store, w.clone()).expect("write");
+    }
+    store.close().expect("close");
+
+    let torn_tail = copy_store(dir.path());
+    let newest = segment_files(torn_tail.path()).pop().expect("segment");
+    let last = h.records.last().expect("record");
+    let extent = locate(torn_tail.path(), last.start, last.end);
+    overwrite(&newest, extent.end - 3, &[0; 3]);
+
+    let torn_segment = copy_store(dir.path());
+    let next = segment_files(torn_segment.path()).len() + 1;
+    let header = segment_header(next as u32, h.end());
+    std::fs::write(
+        torn_segment.path().join(format!("{next:010}.seg")),
+        &header[..20],
+    )
+    .expect("write");
+
+    vec![
+        ("a new store", scratch_dir(), Model::new()),
+        ("a torn tail", torn_tail, h.state_at(last.start).clone()),
+        ("a torn new segment", torn_segment, h.model.clone()),
+    ]
+}
+
+#[test]
+fn a_failing_io_call_while_opening_fails_the_open_and_a_later_open_recovers_everything() {
+    for (what, dir, want) in open_scenarios() {
+        let unarmed = copy_store(dir.path());
+        let faults = Arc::new(FaultInjector::new());
+        let store =
+            Store::open(unarmed.path(), options(SyncMode::Always, Some(&faults))).expect("open");
+        assert!(contents(&store) == want, "{what}");
+        let calls = faults.calls();
+        assert!(calls > 0, "{what}: opening did no I/O to fail");
+        drop(store);
+
+        for n in 0..calls {
+            for kind in [InjectedError::Eio, InjectedError::NoSpace] {
+                let label = format!("{what}, failing call {n} of {calls} with {kind:?}");
+                let image = copy_store(dir.path());
+                let faults = Arc::new(FaultInjector::new());
+                faults.fail_after(n, kind);
+                match Store::open(image.path(), options(SyncMode::Always, Some(&faults))) {
+                    Err(e) => assert_injected(&e, kind, &label),
+                    Ok(_) => panic!("{label}: open succeeded"),
+                }
+                assert_eq!(faults.fired(), 1, "{label}");
+                assert_reopen_recovers(image.path(), SyncMode::Always, &[&want], &label);
+            }
+        }
+    }
+}
+
+/// The caller whose write hit `ENOSPC` needs to know it was `ENOSPC` (free
+/// space) and not `EIO` (replace the disk). The write whose record
+/// failed to append used to get `Error::Poisoned`, whose text named neither the
+/// errno nor had a source, as if an earlier write had failed.
+/// (Regression: the failed record's writers got `Poisoned`; now they get the
+/// I/O error with its OS code.)
+#[test]
+fn the_write_whose_append_fails_gets_the_injected_io_error_itself() {
+    for kind in [InjectedError::Eio, InjectedError::NoSpace] {
+        let faults = Arc::new(FaultInjector::new());
+        let dir = scratch_dir();
+        let store =
+            Store::open(dir.path(), options(SyncMode::Always, Some(&faults))).expect("open");
+        faults.fail_after(0, kind);
+        let err = store
+            .put(&[pair("key", "value")])
+            .expect_err("the append should fail");
+        assert_injected(&err, kind, &format!("{kind:?}"));
+    }
+}
