@@ -10,10 +10,10 @@ use crate::serverpb::{IterateRequest, KvPair};
 use crate::store::Inner;
 
 /// Keys copied per visit to the index.
-const CHUNK: usize = 128;
+const CHUNK: usize = 16;
 /// Index entries looked at per visit (expired ones are skipped), so one
 /// visit stays short even across long runs of expired keys.
-const MAX_VISITED: usize = 4 * CHUNK;
+const MAX_VISITED: usize = 16 * CHUNK;
 
 /// Where iteration starts and which keys it yields.
 ///
@@ -98,7 +98,7 @@ impl Iter {
             prefix: options.prefix.clone(),
             cursor,
             exclusive: false,
-            buffer: VecDeque::with_capacity(CHUNK),
+            buffer: VecDeque::new(),
             done: false,
         }
     }

@@ -43,6 +43,11 @@ pub mod serverpb {
     include!(concat!(env!("OUT_DIR"), "/dkv.serverpb.rs"));
 }
 
+/// Compiles the README's example as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use error::{Error, Result};
 pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
 pub use iter::{Iter, IterationOptions};

@@ -96,6 +96,7 @@ impl Clock {
     /// Whether a record with `expire_ts` is expired now (0 never expires;
     /// otherwise expired when `expire_ts <= now`).
     pub fn is_expired(&self, expire_ts: u64) -> bool {
+        // The clock is read only for keys that expire at all.
         expire_ts != 0 && expire_ts <= self.now()
     }
 }

@@ -15,7 +15,7 @@
 
 mod write;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -30,8 +30,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, decode_op};
 use crate::iter::{Iter, IterationOptions};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
-use crate::log::{ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId};
-use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
+use crate::log::{ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId};
+use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
 use crate::serverpb::{CompareAndSetRequest, KvPair};
 use write::{OpMeta, WriteKind, WriteOp, WriteQueue};
@@ -104,14 +104,21 @@ struct Writer {
 /// What readers need: the index and a way to read every segment.
 struct State {
     keydir: KeyDir,
-    segments: HashMap<SegmentId, SegmentReader>,
+    segments: BTreeMap<SegmentId, SegmentReader>,
 }
 
 enum SegmentReader {
     /// Read through a read-only memory map.
     Sealed(SealedSegment),
-    /// Read through positional reads of the file being appended to.
-    Active(Arc<File>),
+    /// The file being appended to: read through its map below the
+    /// published offset, else through positional reads.
+    Active(Arc<File>, Option<Arc<ActiveMap>>),
+}
+
+impl SegmentReader {
+    fn active(segment: &ActiveSegment) -> Self {
+        SegmentReader::Active(Arc::clone(&segment.file), segment.map.clone())
+    }
 }
 
 struct Syncer {
@@ -153,7 +160,7 @@ impl Store {
         let lock = DirLock::acquire(&dir)?;
         let faults = options.fault_injector.as_deref();
         let recovered = recovery::recover(&dir, options.recovery_mode, faults)?;
-        let mut segments = HashMap::new();
+        let mut segments = BTreeMap::new();
         let mut scanned = recovered.segments;
         let active = match scanned.pop() {
             Some(last) => {
@@ -182,7 +189,7 @@ impl Store {
         for s in scanned {
             segments.insert(s.id, SegmentReader::Sealed(s.map));
         }
-        segments.insert(active.id, SegmentReader::Active(Arc::clone(&active.file)));
+        segments.insert(active.id, SegmentReader::active(&active));
         let commit = GroupCommit::new(Arc::clone(&active.file), active.position());
         let inner = Arc::new(Inner {
             dir,
@@ -304,9 +311,7 @@ impl Inner {
             state
                 .segments
                 .insert(w.active.id, SegmentReader::Sealed(sealed));
-            state
-                .segments
-                .insert(new.id, SegmentReader::Active(Arc::clone(&new.file)));
+            state.segments.insert(new.id, SegmentReader::active(&new));
             drop(state);
             w.active = new;
             Ok(())
@@ -432,15 +437,20 @@ impl State {
                         "indexed record lies beyond the segment's end",
                     )
                 })?,
-            Some(SegmentReader::Active(file)) => {
-                buf.resize(len, 0);
-                file.read_exact_at(buf, offset).context(|| {
-                    format!(
-                        "read {len} bytes at {offset} of segment {}",
-                        pointer.segment
-                    )
-                })?;
-                buf
+            Some(SegmentReader::Active(file, map)) => {
+                match map.as_ref().and_then(|m| m.bytes(offset, len)) {
+                    Some(bytes) => bytes,
+                    None => {
+                        buf.resize(len, 0);
+                        file.read_exact_at(buf, offset).context(|| {
+                            format!(
+                                "read {len} bytes at {offset} of segment {}",
+                                pointer.segment
+                            )
+                        })?;
+                        buf
+                    }
+                }
             }
             None => {
                 return Err(Error::corruption(
@@ -459,11 +469,12 @@ impl State {
         Ok((op.value, op.expire_ts))
     }
 
-    /// The live entry of `key` at time `now`.
-    fn live(&self, key: &[u8], now: u64) -> Option<KeyEntry> {
+    /// The live entry of `key` (the clock is read only for keys that
+    /// expire).
+    fn live(&self, key: &[u8], clock: &Clock) -> Option<KeyEntry> {
         self.keydir
             .get(key)
-            .filter(|e| e.expire_ts == 0 || e.expire_ts > now)
+            .filter(|e| !clock.is_expired(e.expire_ts))
     }
 }
 
@@ -534,12 +545,12 @@ impl KvStore for Store {
 
     fn get(&self, keys: &[&[u8]]) -> Result<Vec<KvPair>> {
         self.inner.check_open()?;
-        let now = self.inner.options.clock.now();
+        let clock = &self.inner.options.clock;
         let state = self.inner.state.read();
-        let mut out = Vec::with_capacity(keys.len());
+        let mut out = Vec::new();
         let mut buf = Vec::new();
         for &key in keys {
-            let Some(entry) = state.live(key, now) else {
+            let Some(entry) = state.live(key, clock) else {
                 continue;
             };
             let (value, expire_ts) =

@@ -1,11 +1,17 @@
-//! Read-only memory maps of sealed segments: the crate's only `unsafe` code.
+//! Read-only memory maps of segments: the crate's only `unsafe` code.
+//!
 //! A sealed segment is never written again; it is only read and, later,
-//! deleted. Must not map the active segment or anything writable.
+//! deleted, so it is mapped whole. The active segment is mapped read-only
+//! too, but only the bytes below its *published* offset are ever read: the
+//! writer appends strictly beyond that offset and never truncates below it,
+//! so those bytes are immutable while they are read. Must not create
+//! writable maps.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::{Mmap, MmapOptions};
+use memmap2::{Mmap, MmapOptions, MmapRaw};
 
 use crate::error::{IoContext, Result};
 
@@ -19,15 +25,23 @@ pub(crate) struct SealedSegment {
 impl SealedSegment {
     /// Maps the whole file at `path` read-only.
     pub(crate) fn open(path: &Path) -> Result<Self> {
+        Self::open_prefix(path, None)
+    }
+
+    /// Maps the first `len` bytes of the file at `path` (the whole file when
+    /// `None`) read-only. A prefix map stays valid when the file is later
+    /// truncated to that length.
+    pub(crate) fn open_prefix(path: &Path, len: Option<u64>) -> Result<Self> {
         let file = File::open(path).context(|| format!("open segment {}", path.display()))?;
-        let len = file
+        let file_len = file
             .metadata()
             .context(|| format!("stat segment {}", path.display()))?
             .len();
+        let len = len.map_or(file_len, |l| l.min(file_len));
         let map = if len == 0 {
             None
         } else {
-            Some(map_read_only(&file).context(|| format!("map segment {}", path.display()))?)
+            Some(map_read_only(&file, len).context(|| format!("map segment {}", path.display()))?)
         };
         Ok(SealedSegment {
             map,
@@ -47,15 +61,73 @@ impl SealedSegment {
 }
 
 #[expect(unsafe_code, reason = "memmap2 cannot prove the file is not modified")]
-fn map_read_only(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: the mapped file is a sealed segment. The engine never writes,
-    // truncates or extends a sealed segment again: it only reads it and
-    // eventually unlinks it, which leaves an existing map valid. The store's
-    // directory lock keeps other dkv-cask handles from writing to it. A
-    // process outside the engine modifying the file breaks the store's
-    // contract (DESIGN.md, "File-system assumptions"); reads then return
-    // whatever bytes are there, and every read verifies a checksum.
+fn map_read_only(file: &File, len: u64) -> std::io::Result<Mmap> {
+    let len = usize::try_from(len).map_err(std::io::Error::other)?;
+    // SAFETY: the mapped file is a sealed segment (or the sealed prefix of
+    // one). The engine never writes, truncates below `len` or extends into
+    // the mapped range again: it only reads it and eventually unlinks it,
+    // which leaves an existing map valid. The store's directory lock keeps
+    // other dkv-cask handles from writing to it. A process outside the
+    // engine modifying the file breaks the store's contract (DESIGN.md,
+    // "File-system assumptions"); reads then return whatever bytes are
+    // there, and every read verifies a checksum.
     // Populating the map up front (MAP_POPULATE) moves page faults from the
     // read path to open and rollover.
-    unsafe { MmapOptions::new().populate().map(file) }
+    unsafe { MmapOptions::new().len(len).populate().map(file) }
+}
+
+/// A read-only map of the active segment, readable below its published
+/// offset.
+#[derive(Debug)]
+pub(crate) struct ActiveMap {
+    raw: MmapRaw,
+    len: u64,
+    /// Bytes below this offset are written and never change again.
+    published: AtomicU64,
+}
+
+impl ActiveMap {
+    /// Maps the first `len` bytes of `file` (the preallocated active
+    /// segment), with the bytes below `published` already written.
+    pub(crate) fn new(file: &File, len: u64, published: u64) -> std::io::Result<Self> {
+        let raw = MmapOptions::new()
+            .len(usize::try_from(len).map_err(std::io::Error::other)?)
+            .populate()
+            .map_raw_read_only(file)?;
+        Ok(ActiveMap {
+            raw,
+            len,
+            published: AtomicU64::new(published.min(len)),
+        })
+    }
+
+    /// Declares the bytes below `offset` written; they must never be
+    /// written again, and the file is never truncated below `offset`.
+    pub(crate) fn publish(&self, offset: u64) {
+        self.published
+            .fetch_max(offset.min(self.len), Ordering::Release);
+    }
+
+    /// The bytes `[offset, offset + len)`, if they are all published.
+    pub(crate) fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.published.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.published_range(offset as usize, len))
+    }
+
+    #[expect(unsafe_code, reason = "reading a live map needs a raw pointer")]
+    fn published_range(&self, offset: usize, len: usize) -> &[u8] {
+        // SAFETY: `bytes` checked that `offset + len` is at most the
+        // published offset, which is at most the mapped length, so the range
+        // lies inside the mapping. The Acquire load pairs with the writer's
+        // Release in `publish`, which follows the `pwrite` of those bytes;
+        // Linux shares one page cache between `pwrite` and shared maps, so
+        // the bytes are visible. The writer only writes beyond the published
+        // offset and only truncates the file to at least it (at seal), so no
+        // byte of the returned slice changes or disappears while `self`
+        // lives, and the slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.raw.as_ptr().add(offset), len) }
+    }
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use fault::{FaultInjector, InjectedError};
 pub(crate) use fsutil::{DirLock, sync_dir, truncate_synced};
-pub(crate) use mmap::SealedSegment;
+pub(crate) use mmap::{ActiveMap, SealedSegment};
 pub(crate) use writer::{ActiveSegment, GroupCommit};
 
 /// Extension of segment files.

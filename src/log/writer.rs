@@ -7,12 +7,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use super::SegmentId;
 use super::fault::{FaultInjector, IoPoint, check};
 use super::fsutil::{sync_dir, truncate_synced};
+use super::mmap::ActiveMap;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind};
 
@@ -34,6 +36,9 @@ pub(crate) struct ActiveSegment {
     pub(crate) offset: u64,
     /// The segment size at which it is sealed.
     pub(crate) capacity: u64,
+    /// A read-only map of the preallocated file, for readers; `None` when
+    /// the segment is not preallocated (readers then use `pread`).
+    pub(crate) map: Option<Arc<ActiveMap>>,
 }
 
 impl ActiveSegment {
@@ -72,6 +77,7 @@ impl ActiveSegment {
             base_position,
             offset: SEGMENT_HEADER_LEN as u64,
             capacity,
+            map: None,
         };
         if preallocate {
             seg.zero_fill(faults)?;
@@ -80,6 +86,10 @@ impl ActiveSegment {
             .and_then(|()| seg.file.sync_all())
             .context(|| format!("sync new segment {}", seg.path.display()))?;
         sync_dir(dir, faults)?;
+        let mut seg = seg;
+        if preallocate {
+            seg.map_for_readers()?;
+        }
         Ok(seg)
     }
 
@@ -106,6 +116,7 @@ impl ActiveSegment {
             base_position,
             offset,
             capacity: capacity.max(offset),
+            map: None,
         };
         let len = seg
             .file
@@ -121,7 +132,19 @@ impl ActiveSegment {
         check(faults, IoPoint::Sync)
             .and_then(|()| seg.file.sync_all())
             .context(|| format!("sync segment {}", path.display()))?;
+        let mut seg = seg;
+        if preallocate {
+            seg.map_for_readers()?;
+        }
         Ok(seg)
+    }
+
+    /// Maps the preallocated file read-only for readers.
+    fn map_for_readers(&mut self) -> Result<()> {
+        let map = ActiveMap::new(&self.file, self.capacity, self.offset)
+            .context(|| format!("map segment {}", self.path.display()))?;
+        self.map = Some(Arc::new(map));
+        Ok(())
     }
 
     /// Writes zeros from the current length up to the capacity, so later
@@ -160,6 +183,9 @@ impl ActiveSegment {
             .and_then(|()| self.file.write_all_at(bytes, self.offset))
             .context(|| format!("append to segment {}", self.id))?;
         self.offset += bytes.len() as u64;
+        if let Some(map) = &self.map {
+            map.publish(self.offset);
+        }
         Ok(())
     }
 
@@ -180,6 +206,8 @@ pub(crate) struct GroupCommit {
     written: AtomicU64,
     durable: AtomicU64,
     syncs: AtomicU64,
+    /// Moving average of `fdatasync` durations, in nanoseconds.
+    sync_nanos: AtomicU64,
     /// Protects the sync election and the file to sync. Lock order: taken
     /// after the writer lock when both are held, never before it.
     inner: Mutex<SyncInner>,
@@ -203,6 +231,7 @@ impl GroupCommit {
             written: AtomicU64::new(position),
             durable: AtomicU64::new(position),
             syncs: AtomicU64::new(0),
+            sync_nanos: AtomicU64::new(0),
             inner: Mutex::new(SyncInner {
                 syncing: false,
                 file,
@@ -225,6 +254,11 @@ impl GroupCommit {
     /// Number of `fdatasync` calls made for group commit.
     pub(crate) fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Moving average of an `fdatasync`'s duration (zero before the first).
+    pub(crate) fn sync_time(&self) -> Duration {
+        Duration::from_nanos(self.sync_nanos.load(Ordering::Relaxed))
     }
 
     /// Records that the log is written up to `position`.
@@ -276,8 +310,17 @@ impl GroupCommit {
             let file = Arc::clone(&g.file);
             let upto = self.written();
             drop(g);
+            let started = Instant::now();
             let result = check(faults, IoPoint::Sync).and_then(|()| file.sync_data());
             self.syncs.fetch_add(1, Ordering::Relaxed);
+            let took = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            let avg = self.sync_nanos.load(Ordering::Relaxed);
+            let avg = if avg == 0 {
+                took
+            } else {
+                avg - avg / 8 + took / 8
+            };
+            self.sync_nanos.store(avg, Ordering::Relaxed);
             g = self.inner.lock();
             g.syncing = false;
             match result {

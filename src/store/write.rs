@@ -12,7 +12,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -92,7 +94,13 @@ struct SlotInner {
 #[derive(Default)]
 pub(crate) struct WriteQueue {
     inner: Mutex<QueueInner>,
+    /// The largest recent group size (decaying): how many writers to wait
+    /// for before a synced group starts.
+    peak: AtomicUsize,
 }
+
+/// The longest a leader waits for writers to gather.
+const MAX_GATHER: Duration = Duration::from_millis(1);
 
 #[derive(Default)]
 struct QueueInner {
@@ -143,7 +151,15 @@ impl Inner {
 
     /// Runs one group: `first` and every write queued behind it.
     fn lead(&self, first: WriteOp) -> Outcome {
+        self.gather();
         let followers: Vec<Arc<Slot>> = self.queue.inner.lock().waiting.drain(..).collect();
+        let size = followers.len() + 1;
+        // The peak decays by one per group, so a drop in concurrency stops
+        // the gathering wait within a few groups.
+        let peak = self.queue.peak.load(Ordering::Relaxed);
+        self.queue
+            .peak
+            .store(size.max(peak.saturating_sub(1)), Ordering::Relaxed);
         let mut ops = Vec::with_capacity(1 + followers.len());
         ops.push(first);
         for f in &followers {
@@ -189,6 +205,25 @@ impl Inner {
             f.thread.unpark();
         }
         mine
+    }
+
+    /// Before a group that will be synced: when recent groups had several
+    /// writers, give the writers just released by the previous group a
+    /// moment to queue again (at most half an `fdatasync`), so that one sync
+    /// serves them all instead of alternating half-groups. A single writer
+    /// never waits.
+    fn gather(&self) {
+        if !self.options.sync_mode.waits_for_sync() {
+            return;
+        }
+        let target = self.queue.peak.load(Ordering::Relaxed);
+        if target < 2 {
+            return;
+        }
+        let deadline = Instant::now() + (self.commit.sync_time() / 2).min(MAX_GATHER);
+        while self.queue.inner.lock().waiting.len() + 1 < target && Instant::now() < deadline {
+            thread::yield_now();
+        }
     }
 
     /// Appends the group's records in order; returns one outcome per op.
@@ -310,12 +345,11 @@ impl Inner {
     /// (fully flushed) state.
     fn condition_holds(&self, op: &WriteOp) -> Result<bool> {
         let key = op.first_key();
-        let now = self.options.clock.now();
         let state = self.state.read();
         match &op.kind {
             WriteKind::Batch => Ok(true),
             WriteKind::DeleteIfPresent => Ok(state.keydir.get(key).is_some()),
-            WriteKind::CompareAndSet(expected) => match state.live(key, now) {
+            WriteKind::CompareAndSet(expected) => match state.live(key, &self.options.clock) {
                 None => Ok(expected.is_empty()),
                 Some(_) if expected.is_empty() => Ok(false),
                 Some(entry) => {
