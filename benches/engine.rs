@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the engine's hot paths: put without fsync, random
-//! get, missing-key get, a 100-key prefix scan, and a KeyDir lookup. Run
-//! with `cargo bench`; `cargo test` runs each once in test mode.
+//! get, missing-key get, a 100-key prefix scan, and a durable put. Run with
+//! `cargo bench`; `cargo test` runs each once in test mode. The CLI's
+//! `dkv-cask bench` measures the same paths at 1M keys, with references.
 
 use std::hint::black_box;
 
@@ -78,5 +79,28 @@ fn engine(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, engine);
+fn durable(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        Options {
+            sync_mode: SyncMode::Always,
+            segment_size: 8 << 20,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let mut group = c.benchmark_group("durable");
+    group.sample_size(20);
+    let mut i = 0u64;
+    group.bench_function("put 100 B (SyncMode::Always, 1 writer)", |b| {
+        b.iter(|| {
+            i += 1;
+            store.put(&[pair(i)]).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, engine, durable);
 criterion_main!(benches);

@@ -10,7 +10,7 @@ use crate::serverpb::{IterateRequest, KvPair};
 use crate::store::Inner;
 
 /// Keys copied per visit to the index.
-const CHUNK: usize = 16;
+const CHUNK: usize = 32;
 /// Index entries looked at per visit (expired ones are skipped), so one
 /// visit stays short even across long runs of expired keys.
 const MAX_VISITED: usize = 16 * CHUNK;
