@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::serverpb::{IterateRequest, KvPair};
-use crate::store::Inner;
+use crate::store::{ChunkLimits, Inner};
 
 /// Keys copied per visit to the index.
 const CHUNK: usize = 32;
 /// Index entries looked at per visit (expired ones are skipped), so one
 /// visit stays short even across long runs of expired keys.
 const MAX_VISITED: usize = 16 * CHUNK;
+/// Value bytes copied per visit, so large values do not hold the lock long.
+const MAX_CHUNK_BYTES: usize = 1 << 20;
 
 /// Where iteration starts and which keys it yields.
 ///
@@ -108,8 +110,11 @@ impl Iter {
             &self.cursor,
             self.exclusive,
             self.prefix.as_deref(),
-            CHUNK,
-            MAX_VISITED,
+            ChunkLimits {
+                pairs: CHUNK,
+                visited: MAX_VISITED,
+                bytes: MAX_CHUNK_BYTES,
+            },
             &mut self.buffer,
         )?;
         match last {

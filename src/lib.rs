@@ -52,7 +52,9 @@ pub use error::{Error, Result};
 pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
 pub use iter::{Iter, IterationOptions};
 pub use keydir::{KeyDir, KeyEntry, RecordPointer};
-pub use log::{FaultInjector, InjectedError, SEGMENT_EXTENSION, SegmentId};
+pub use log::{
+    FaultInjector, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SYNC_FAILED_FILE, SegmentId,
+};
 pub use options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, RecoveryMode, SyncMode};
 pub use recovery::{DamagedRange, RecoveryReport, TruncatedTail};
 pub use store::{KvStore, SEGMENT_HEADER_BYTES, Store};

@@ -20,7 +20,9 @@ use crate::format::{
     decode_record,
 };
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
-use crate::log::{FaultInjector, SealedSegment, SegmentId, sync_dir, truncate_synced};
+use crate::log::{
+    FaultInjector, SealedSegment, SegmentId, SyncFailedMarker, sync_dir, truncate_synced,
+};
 use crate::options::RecoveryMode;
 
 /// What `open` found and did while rebuilding the index.
@@ -92,6 +94,9 @@ pub(crate) struct Recovered {
     pub(crate) keydir: KeyDir,
     /// Segments in id order; the last one becomes the active segment.
     pub(crate) segments: Vec<ScannedSegment>,
+    /// The highest segment id found on disk, skipped or removed ones
+    /// included: new segments are numbered above it.
+    pub(crate) highest_id: Option<SegmentId>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -120,6 +125,10 @@ pub(crate) fn recover(
 ) -> Result<Recovered> {
     let started = Instant::now();
     let ids = list_segments(dir)?;
+    let marker = SyncFailedMarker::in_dir(dir);
+    // After a failed fdatasync, only the log up to this position is known
+    // to be on disk, whatever the page cache still shows.
+    let durable_limit = marker.read()?;
     let mut keydir = KeyDir::new();
     let mut report = RecoveryReport::default();
     let mut segments: Vec<ScannedSegment> = Vec::with_capacity(ids.len());
@@ -134,12 +143,15 @@ pub(crate) fn recover(
             segments.last().map(ScannedSegment::end_position)
         };
         let scanned = scan_segment(
-            id,
-            path,
-            map,
-            expected_base,
-            newest,
-            mode,
+            Scanning {
+                id,
+                path,
+                map,
+                expected_base,
+                newest,
+                mode,
+                durable_limit: durable_limit.filter(|_| newest),
+            },
             &mut keydir,
             &mut report,
             faults,
@@ -154,12 +166,27 @@ pub(crate) fn recover(
             Scan::Skipped => skipped_previous = true,
         }
     }
+    if let Some(limit) = durable_limit {
+        let end = segments.last().map_or(0, ScannedSegment::end_position);
+        if end > limit {
+            return Err(Error::corruption(
+                marker.path(),
+                0,
+                format!(
+                    "an fsync failed when the log was durable up to {limit}, \
+                     but the log still ends at {end} before its newest segment"
+                ),
+            ));
+        }
+        marker.clear(faults)?;
+    }
     report.segments = ids.len();
     report.keys = keydir.len();
     report.duration = started.elapsed();
     Ok(Recovered {
         keydir,
         segments,
+        highest_id: ids.last().copied(),
         report,
     })
 }
@@ -183,21 +210,35 @@ enum Damage {
     Corrupt(Option<usize>),
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
-fn scan_segment(
+/// One segment to scan, and what is known about it.
+struct Scanning {
     id: SegmentId,
     path: PathBuf,
     map: SealedSegment,
+    /// Where the previous segment's log ends, when it was read.
     expected_base: Option<u64>,
+    /// Whether this is the newest segment (only it can have a torn tail).
     newest: bool,
     mode: RecoveryMode,
+    /// Records ending beyond this position are cut: an fsync failed.
+    durable_limit: Option<u64>,
+}
+
+fn scan_segment(
+    seg: Scanning,
     keydir: &mut KeyDir,
     report: &mut RecoveryReport,
     faults: Option<&FaultInjector>,
 ) -> Result<Scan> {
+    let Scanning {
+        id,
+        path,
+        map,
+        expected_base,
+        newest,
+        mode,
+        durable_limit,
+    } = seg;
     let bytes = map.bytes();
     let header = match SegmentHeader::decode(bytes) {
         Ok(h) => h,
@@ -285,6 +326,16 @@ fn scan_segment(
     while at < bytes.len() {
         let rest = &bytes[at..];
         let failure = match decode_record(rest) {
+            Ok(rec) if durable_limit.is_some_and(|limit| rec.header.change_number > limit) => {
+                cut_at = Some((
+                    at,
+                    format!(
+                        "records after log position {} were never durable: an fsync failed",
+                        durable_limit.unwrap_or_default()
+                    ),
+                ));
+                break;
+            }
             Ok(rec)
                 if Some(rec.header.change_number)
                     == expected_change_number(base, at, rec.header.record_len()) =>

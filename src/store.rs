@@ -30,7 +30,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, decode_op};
 use crate::iter::{Iter, IterationOptions};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
-use crate::log::{ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId};
+use crate::log::{
+    ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId, sync_dir,
+};
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
 use crate::serverpb::{CompareAndSetRequest, KvPair};
@@ -99,12 +101,28 @@ struct Writer {
     active: ActiveSegment,
     /// The records of one group, written with one `pwrite`.
     buffer: Vec<u8>,
+    /// Id of the next segment: above every segment file seen, including
+    /// ones recovery skipped.
+    next_segment: SegmentId,
 }
 
 /// What readers need: the index and a way to read every segment.
 struct State {
     keydir: KeyDir,
     segments: BTreeMap<SegmentId, SegmentReader>,
+    /// Set by `close` with the index emptied: readers that got the lock
+    /// after it report `Closed` rather than an empty store.
+    closed: bool,
+}
+
+impl State {
+    fn check_open(&self) -> Result<()> {
+        if self.closed {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 enum SegmentReader {
@@ -119,6 +137,18 @@ impl SegmentReader {
     fn active(segment: &ActiveSegment) -> Self {
         SegmentReader::Active(Arc::clone(&segment.file), segment.map.clone())
     }
+}
+
+/// How much one visit to the index may copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChunkLimits {
+    /// Pairs copied.
+    pub(crate) pairs: usize,
+    /// Index entries looked at (expired ones included).
+    pub(crate) visited: usize,
+    /// Value bytes copied (checked before each pair, so one large value
+    /// still makes progress).
+    pub(crate) bytes: usize,
 }
 
 struct Syncer {
@@ -156,10 +186,20 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).context(|| format!("create store folder {}", dir.display()))?;
-        let lock = DirLock::acquire(&dir)?;
         let faults = options.fault_injector.as_deref();
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir)
+                .context(|| format!("create store folder {}", dir.display()))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent, faults)?;
+            }
+        }
+        let lock = DirLock::acquire(&dir)?;
         let recovered = recovery::recover(&dir, options.recovery_mode, faults)?;
+        let next_segment = recovered
+            .highest_id
+            .map_or(Some(SegmentId(1)), SegmentId::next)
+            .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
         let mut segments = BTreeMap::new();
         let mut scanned = recovered.segments;
         let active = match scanned.pop() {
@@ -179,7 +219,7 @@ impl Store {
             }
             None => ActiveSegment::create(
                 &dir,
-                SegmentId(1),
+                next_segment,
                 0,
                 options.segment_size,
                 options.preallocate,
@@ -190,7 +230,12 @@ impl Store {
             segments.insert(s.id, SegmentReader::Sealed(s.map));
         }
         segments.insert(active.id, SegmentReader::active(&active));
-        let commit = GroupCommit::new(Arc::clone(&active.file), active.position());
+        // A segment adopted as active may come from a rollover that crashed
+        // before its folder was synced: make its directory entry durable
+        // before anything is acknowledged in it.
+        sync_dir(&dir, faults)?;
+        let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
+        let commit = GroupCommit::new(Arc::clone(&active.file), active.position(), &dir);
         let inner = Arc::new(Inner {
             dir,
             options,
@@ -199,10 +244,12 @@ impl Store {
             writer: Mutex::new(Writer {
                 active,
                 buffer: Vec::new(),
+                next_segment,
             }),
             state: RwLock::new(State {
                 keydir: recovered.keydir,
                 segments,
+                closed: false,
             }),
             commit,
             closed: AtomicBool::new(false),
@@ -289,12 +336,14 @@ impl Inner {
     /// Seals the active segment and starts the next one. Any failure poisons
     /// the writer: the on-disk state is then only trusted after reopen.
     fn rollover(&self, w: &mut Writer) -> Result<()> {
+        if let Err(e) = w.active.seal(self.faults()) {
+            self.commit.sync_failed(e.chain());
+            return Err(e);
+        }
         let result: Result<()> = (|| {
-            w.active.seal(self.faults())?;
             let end = w.active.position();
-            let next = w
-                .active
-                .id
+            let next = w.next_segment;
+            let after = next
                 .next()
                 .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
             let new = ActiveSegment::create(
@@ -314,6 +363,7 @@ impl Inner {
             state.segments.insert(new.id, SegmentReader::active(&new));
             drop(state);
             w.active = new;
+            w.next_segment = after;
             Ok(())
         })();
         if let Err(e) = &result {
@@ -333,24 +383,27 @@ impl Inner {
         Ok(())
     }
 
-    /// Copies up to `max` live pairs at or after `cursor` into `out`.
-    /// Returns the last key looked at (the resume point) and whether the
-    /// scan reached the end of the range.
+    /// Copies live pairs at or after `cursor` into `out`, stopping after
+    /// `limits.pairs` pairs, `limits.visited` index entries or
+    /// `limits.bytes` value bytes, whichever comes first. Returns the last
+    /// key looked at (the resume point) and whether the scan reached the end
+    /// of the range.
     pub(crate) fn scan_chunk(
         &self,
         cursor: &[u8],
         exclusive: bool,
         prefix: Option<&[u8]>,
-        max: usize,
-        max_visited: usize,
+        limits: ChunkLimits,
         out: &mut VecDeque<KvPair>,
     ) -> Result<(Option<Vec<u8>>, bool)> {
         self.check_open()?;
         let now = self.options.clock.now();
         let state = self.state.read();
+        state.check_open()?;
         let mut last: Option<&[u8]> = None;
         let mut finished = true;
         let mut visited = 0;
+        let mut bytes = 0;
         let mut failure = None;
         let mut buf = Vec::new();
         state.keydir.scan_from(cursor, exclusive, |key, entry| {
@@ -359,7 +412,7 @@ impl Inner {
             {
                 return false;
             }
-            if out.len() >= max || visited >= max_visited {
+            if out.len() >= limits.pairs || visited >= limits.visited || bytes >= limits.bytes {
                 finished = false;
                 return false;
             }
@@ -370,6 +423,7 @@ impl Inner {
             }
             match state.read_op(&self.dir, key, entry.pointer, &mut buf) {
                 Ok((value, expire_ts)) => {
+                    bytes += value.len();
                     out.push_back(KvPair {
                         key: key.to_vec(),
                         value: value.to_vec(),
@@ -405,6 +459,7 @@ impl Inner {
         };
         {
             let mut state = self.state.write();
+            state.closed = true;
             state.keydir = KeyDir::new();
             state.segments.clear();
         }
@@ -547,6 +602,7 @@ impl KvStore for Store {
         self.inner.check_open()?;
         let clock = &self.inner.options.clock;
         let state = self.inner.state.read();
+        state.check_open()?;
         let mut out = Vec::new();
         let mut buf = Vec::new();
         for &key in keys {

@@ -2,8 +2,9 @@
 //! does one documented sequence (create then fsync the directory, truncate
 //! then fsync) so that no caller has to remember the order.
 
-use std::fs::{File, OpenOptions};
-use std::path::Path;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::fault::{FaultInjector, IoPoint, check};
@@ -36,6 +37,78 @@ pub(crate) fn truncate_synced(
         .and_then(|()| check(faults, IoPoint::Sync))
         .and_then(|()| file.sync_all())
         .context(|| format!("truncate {} to {len} bytes", path.display()))
+}
+
+/// Name of the file that records the last durable log position after a
+/// failed `fdatasync`.
+pub const SYNC_FAILED_FILE: &str = "SYNC-FAILED";
+
+/// The record of a failed sync: a file holding the last log position known
+/// durable, in decimal, written and synced (with its folder) when a sync
+/// fails, read and removed by the next open after it has cut the log there.
+#[derive(Debug)]
+pub(crate) struct SyncFailedMarker {
+    path: PathBuf,
+}
+
+impl SyncFailedMarker {
+    /// The marker of the store in `dir`.
+    pub(crate) fn in_dir(dir: &Path) -> Self {
+        SyncFailedMarker {
+            path: dir.join(SYNC_FAILED_FILE),
+        }
+    }
+
+    /// Records `durable` unless a marker already holds a lower position.
+    /// Best effort: the disk is already failing.
+    pub(crate) fn record(&self, durable: u64) {
+        if matches!(self.read(), Ok(Some(p)) if p <= durable) {
+            return;
+        }
+        let written = (|| -> io::Result<()> {
+            let mut f = File::create(&self.path)?;
+            f.write_all(format!("{durable}\n").as_bytes())?;
+            f.sync_all()
+        })();
+        if written.is_ok()
+            && let Some(dir) = self.path.parent()
+        {
+            let _ = sync_dir(dir, None);
+        }
+    }
+
+    /// The recorded position, if a marker exists.
+    pub(crate) fn read(&self) -> Result<Option<u64>> {
+        match fs::read_to_string(&self.path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+                Error::corruption(
+                    &self.path,
+                    0,
+                    "sync-failure marker does not hold a position",
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("read {}", self.path.display()), e)),
+        }
+    }
+
+    /// Removes the marker once the log was cut, and syncs the folder.
+    pub(crate) fn clear(&self, faults: Option<&FaultInjector>) -> Result<()> {
+        match fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("remove {}", self.path.display()), e)),
+        }
+        match self.path.parent() {
+            Some(dir) => sync_dir(dir, faults),
+            None => Ok(()),
+        }
+    }
+
+    /// The marker's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// An exclusive lock on a store directory, held for the life of the handle.

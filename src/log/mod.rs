@@ -12,7 +12,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use fault::{FaultInjector, InjectedError};
-pub(crate) use fsutil::{DirLock, sync_dir, truncate_synced};
+pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
+pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
 pub(crate) use mmap::{ActiveMap, SealedSegment};
 pub(crate) use writer::{ActiveSegment, GroupCommit};
 

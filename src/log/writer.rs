@@ -5,6 +5,8 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use super::fsutil::SyncFailedMarker;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -177,6 +179,11 @@ impl ActiveSegment {
         self.offset + len <= self.capacity
     }
 
+    /// Whether the segment holds no record yet.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.offset == SEGMENT_HEADER_LEN as u64
+    }
+
     /// Writes a record at the current offset and advances past it.
     pub(crate) fn append(&mut self, bytes: &[u8], faults: Option<&FaultInjector>) -> Result<()> {
         check(faults, IoPoint::Append)
@@ -212,6 +219,8 @@ pub(crate) struct GroupCommit {
     /// after the writer lock when both are held, never before it.
     inner: Mutex<SyncInner>,
     done: Condvar,
+    /// Where a failed sync is recorded for the next open.
+    marker: SyncFailedMarker,
 }
 
 #[derive(Debug)]
@@ -225,8 +234,9 @@ struct SyncInner {
 }
 
 impl GroupCommit {
-    /// Starts with everything up to `position` written and durable.
-    pub(crate) fn new(file: Arc<File>, position: u64) -> Self {
+    /// Starts with everything up to `position` written and durable; a
+    /// failed sync is recorded in `dir`.
+    pub(crate) fn new(file: Arc<File>, position: u64, dir: &Path) -> Self {
         GroupCommit {
             written: AtomicU64::new(position),
             durable: AtomicU64::new(position),
@@ -238,6 +248,7 @@ impl GroupCommit {
                 poisoned: None,
             }),
             done: Condvar::new(),
+            marker: SyncFailedMarker::in_dir(dir),
         }
     }
 
@@ -286,6 +297,16 @@ impl GroupCommit {
         self.done.notify_all();
     }
 
+    /// Marks the writer as poisoned by a failed `fdatasync`. Such a failure
+    /// means the page cache may hold bytes the disk never got, and Linux
+    /// reports it only once, so a later open could read those bytes back
+    /// and take them for durable. The last durable position is recorded
+    /// (best effort) so that the next open cuts everything after it.
+    pub(crate) fn sync_failed(&self, cause: String) {
+        self.marker.record(self.durable());
+        self.poison(cause);
+    }
+
     /// Returns once everything up to `target` is durable, syncing if no
     /// other writer is already doing so.
     pub(crate) fn wait_durable(&self, target: u64, faults: Option<&FaultInjector>) -> Result<()> {
@@ -329,8 +350,8 @@ impl GroupCommit {
                 }
                 Err(e) => {
                     let err = Error::io("sync the active segment", e);
-                    g.poisoned.get_or_insert_with(|| err.chain());
-                    self.done.notify_all();
+                    drop(g);
+                    self.sync_failed(err.chain());
                     return Err(err);
                 }
             }

@@ -1,14 +1,16 @@
 //! The write path: a queue of writers in which the first becomes the leader,
 //! takes every write queued behind it, appends them all with one `pwrite`,
-//! publishes them to the index under one lock, and, in `SyncMode::Always`,
-//! makes them durable with one `fdatasync`. Followers sleep until the leader
-//! hands them their outcome. This is group commit (LevelDB and RocksDB use
-//! the same shape): concurrent writers share system calls, and a single
-//! writer pays only an uncontended lock.
+//! in `SyncMode::Always` makes them durable with one `fdatasync`, and only
+//! then publishes them to the index under one lock. Followers sleep until
+//! the leader hands them their outcome. This is group commit (LevelDB and
+//! RocksDB use the same shape): concurrent writers share system calls, and a
+//! single writer pays only an uncontended lock.
 //!
-//! Conditional writes (delete of a key that may be absent, compare-and-set)
-//! are decided by the leader in queue order, after flushing what the group
-//! appended so far, so they see every earlier write.
+//! Conditional writes (delete of a key that may be present, compare-and-set)
+//! are decided by the leader in queue order, against the writes appended
+//! earlier in the same group and then against the index, so they see every
+//! earlier write. A write whose sync fails is never published: readers never
+//! see a value its writer was told failed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use super::{Inner, Writer};
 use crate::error::{Error, Result};
 use crate::format::{OP_HEADER_LEN, RecordBuilder};
 use crate::keydir::{KeyEntry, RecordPointer};
+use crate::log::SegmentId;
 
 /// What a queued write does.
 pub(crate) enum WriteKind {
@@ -54,6 +57,11 @@ impl OpMeta {
         let at = self.offset as usize + OP_HEADER_LEN;
         &record[at..at + usize::from(self.key_len)]
     }
+
+    fn value<'a>(&self, record: &'a [u8]) -> &'a [u8] {
+        let at = self.offset as usize + OP_HEADER_LEN + usize::from(self.key_len);
+        &record[at..self.offset as usize + self.len as usize]
+    }
 }
 
 /// A record waiting to be appended.
@@ -78,6 +86,14 @@ impl WriteOp {
 /// write decided not to append.
 pub(crate) type Outcome = Result<Option<u64>>;
 
+/// A record the group appended (or is about to): where it went.
+struct Appended {
+    op: usize,
+    segment: SegmentId,
+    file_offset: u64,
+    change_number: u64,
+}
+
 struct Slot {
     inner: Mutex<SlotInner>,
     thread: Thread,
@@ -89,8 +105,9 @@ struct SlotInner {
     lead: bool,
 }
 
-/// Writers waiting for a leader. Lock order: taken with no other lock held,
-/// or while holding a slot's lock never.
+/// Writers waiting for a leader. Lock order: the queue's mutex is taken
+/// before any slot's mutex (when the lead is handed over), and no other lock
+/// is held with either.
 #[derive(Default)]
 pub(crate) struct WriteQueue {
     inner: Mutex<QueueInner>,
@@ -109,9 +126,38 @@ struct QueueInner {
     waiting: VecDeque<Arc<Slot>>,
 }
 
+/// Hands the lead on and fails the group's followers if the leader unwinds
+/// (a bug), so that no writer waits forever.
+struct LeaderGuard<'a> {
+    inner: &'a Inner,
+    followers: &'a [Arc<Slot>],
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let cause = "a writer thread panicked while leading a group".to_string();
+        self.inner.commit.poison(cause.clone());
+        for f in self.followers {
+            let mut g = f.inner.lock();
+            g.outcome.get_or_insert_with(|| {
+                Err(Error::Poisoned {
+                    cause: cause.clone(),
+                })
+            });
+            drop(g);
+            f.thread.unpark();
+        }
+        self.inner.hand_off();
+    }
+}
+
 impl Inner {
     /// Queues `op` and returns its outcome once a leader (possibly this
-    /// thread) has appended it, published it and, if required, synced it.
+    /// thread) has appended it, synced it if required, and published it.
     pub(super) fn submit(&self, op: WriteOp) -> Outcome {
         let slot = {
             let mut q = self.queue.inner.lock();
@@ -138,9 +184,7 @@ impl Inner {
                     return outcome;
                 }
                 if g.lead {
-                    let op =
-                        g.op.take()
-                            .expect("a slot handed the lead still holds its op");
+                    let op = g.op.take().expect("a slot handed the lead holds its op");
                     drop(g);
                     return self.lead(op);
                 }
@@ -153,6 +197,11 @@ impl Inner {
     fn lead(&self, first: WriteOp) -> Outcome {
         self.gather();
         let followers: Vec<Arc<Slot>> = self.queue.inner.lock().waiting.drain(..).collect();
+        let mut guard = LeaderGuard {
+            inner: self,
+            followers: &followers,
+            armed: true,
+        };
         let size = followers.len() + 1;
         // The peak decays by one per group, so a drop in concurrency stops
         // the gathering wait within a few groups.
@@ -160,7 +209,7 @@ impl Inner {
         self.queue
             .peak
             .store(size.max(peak.saturating_sub(1)), Ordering::Relaxed);
-        let mut ops = Vec::with_capacity(1 + followers.len());
+        let mut ops = Vec::with_capacity(size);
         ops.push(first);
         for f in &followers {
             ops.push(
@@ -171,33 +220,23 @@ impl Inner {
                     .expect("a queued slot holds its op"),
             );
         }
-        let mut outcomes = {
+        let outcomes = {
             let mut w = self.writer.lock();
-            self.apply_group(&mut w, &mut ops)
-        };
-        let last = outcomes
-            .iter()
-            .filter_map(|o| o.as_ref().ok().copied().flatten())
-            .max();
-        if let (Some(cn), true) = (last, self.options.sync_mode.waits_for_sync())
-            && let Err(e) = self.commit.wait_durable(cn, self.faults())
-        {
-            // Every appended record of the group missed its sync.
-            for o in outcomes.iter_mut().filter(|o| matches!(o, Ok(Some(_)))) {
-                *o = Err(e.duplicate());
-            }
-        }
-        // Hand the lead to the next writer before waking this group.
-        {
-            let mut q = self.queue.inner.lock();
-            match q.waiting.pop_front() {
-                Some(next) => {
-                    next.inner.lock().lead = true;
-                    next.thread.unpark();
+            let (mut outcomes, mut appended) = self.apply_group(&mut w, &mut ops);
+            if let (Some(last), true) = (appended.last(), self.options.sync_mode.waits_for_sync())
+                && let Err(e) = self.commit.wait_durable(last.change_number, self.faults())
+            {
+                // Every appended record of the group missed its sync: none
+                // is acknowledged, none is published.
+                for a in appended.drain(..) {
+                    outcomes[a.op] = Err(e.duplicate());
                 }
-                None => q.leading = false,
             }
-        }
+            self.publish(&ops, &appended);
+            outcomes
+        };
+        guard.armed = false;
+        self.hand_off();
         let mut outcomes = outcomes.into_iter();
         let mine = outcomes.next().expect("the leader's own outcome");
         for (f, outcome) in followers.iter().zip(outcomes) {
@@ -205,6 +244,18 @@ impl Inner {
             f.thread.unpark();
         }
         mine
+    }
+
+    /// Gives the lead to the first waiting writer, or ends the leadership.
+    fn hand_off(&self) {
+        let mut q = self.queue.inner.lock();
+        match q.waiting.pop_front() {
+            Some(next) => {
+                next.inner.lock().lead = true;
+                next.thread.unpark();
+            }
+            None => q.leading = false,
+        }
     }
 
     /// Before a group that will be synced: when recent groups had several
@@ -226,12 +277,13 @@ impl Inner {
         }
     }
 
-    /// Appends the group's records in order; returns one outcome per op.
-    fn apply_group(&self, w: &mut Writer, ops: &mut [WriteOp]) -> Vec<Outcome> {
+    /// Appends the group's records in order. Returns one outcome per op and
+    /// the records written (not yet published).
+    fn apply_group(&self, w: &mut Writer, ops: &mut [WriteOp]) -> (Vec<Outcome>, Vec<Appended>) {
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(ops.len());
-        // Records copied into `w.buffer` but not yet written: (op index,
-        // file offset, change number).
-        let mut pending: Vec<(usize, u64, u64)> = Vec::with_capacity(ops.len());
+        let mut appended: Vec<Appended> = Vec::with_capacity(ops.len());
+        // `appended[unflushed..]` sit in `w.buffer`, not yet written.
+        let mut unflushed = 0;
         w.buffer.clear();
         for i in 0..ops.len() {
             if let Err(e) = self.writable() {
@@ -239,12 +291,7 @@ impl Inner {
                 continue;
             }
             if !matches!(ops[i].kind, WriteKind::Batch) {
-                if let Err(e) = self.flush_group(w, ops, &mut pending, &mut outcomes) {
-                    // This write was never attempted: the writer is poisoned.
-                    outcomes.push(Err(Error::Poisoned { cause: e.chain() }));
-                    continue;
-                }
-                match self.condition_holds(&ops[i]) {
+                match self.condition_holds(ops, &appended, i) {
                     Ok(true) => {}
                     Ok(false) => {
                         outcomes.push(Ok(None));
@@ -258,15 +305,17 @@ impl Inner {
             }
             let len = ops[i].builder.len() as u64;
             if !w.active.fits(w.buffer.len() as u64 + len) {
-                let flushed = self.flush_group(w, ops, &mut pending, &mut outcomes);
-                if let Err(e) = flushed {
+                if let Err(e) = self.flush(w, &mut appended, &mut unflushed, &mut outcomes) {
+                    // This write was never attempted: the writer is poisoned.
                     outcomes.push(Err(Error::Poisoned { cause: e.chain() }));
                     continue;
                 }
+                // A record larger than a whole segment goes alone into an
+                // empty one, which then exceeds the segment size.
                 if !w.active.fits(len)
+                    && !w.active.is_empty()
                     && let Err(e) = self.rollover(w)
                 {
-                    // The rollover's own failure is this write's error.
                     outcomes.push(Err(e));
                     continue;
                 }
@@ -275,81 +324,118 @@ impl Inner {
             let start = w.active.position() + w.buffer.len() as u64;
             let (change_number, bytes) = ops[i].builder.stamp(start, self.commit.durable());
             w.buffer.extend_from_slice(bytes);
-            pending.push((i, file_offset, change_number));
+            appended.push(Appended {
+                op: i,
+                segment: w.active.id,
+                file_offset,
+                change_number,
+            });
             outcomes.push(Ok(Some(change_number)));
         }
-        if let Err(e) = self.flush_group(w, ops, &mut pending, &mut outcomes) {
-            // Every pending outcome was already replaced by an error.
-            drop(e);
-        }
-        outcomes
+        // On failure every unflushed outcome already holds the error.
+        let _ = self.flush(w, &mut appended, &mut unflushed, &mut outcomes);
+        (outcomes, appended)
     }
 
-    /// Writes the buffered records with one `pwrite` and publishes their
-    /// operations to the index. On failure the writer is poisoned and every
-    /// buffered record's outcome becomes an error.
-    fn flush_group(
+    /// Writes the buffered records with one `pwrite`. On failure the writer
+    /// is poisoned, and the buffered records get the error and are dropped
+    /// from `appended`.
+    fn flush(
         &self,
         w: &mut Writer,
-        ops: &[WriteOp],
-        pending: &mut Vec<(usize, u64, u64)>,
+        appended: &mut Vec<Appended>,
+        unflushed: &mut usize,
         outcomes: &mut [Outcome],
     ) -> Result<()> {
-        if pending.is_empty() {
+        if *unflushed == appended.len() {
             return Ok(());
         }
         let buffer = std::mem::take(&mut w.buffer);
         let written = w.active.append(&buffer, self.faults());
         w.buffer = buffer;
         w.buffer.clear();
-        if let Err(e) = written {
-            self.commit.poison(e.chain());
-            for &(i, _, _) in pending.iter() {
-                outcomes[i] = Err(e.duplicate());
+        match written {
+            Ok(()) => {
+                self.commit
+                    .set_written(appended.last().map_or(0, |a| a.change_number));
+                *unflushed = appended.len();
+                Ok(())
             }
-            pending.clear();
-            return Err(e);
+            Err(e) => {
+                self.commit.poison(e.chain());
+                for a in appended.drain(*unflushed..) {
+                    outcomes[a.op] = Err(e.duplicate());
+                }
+                Err(e)
+            }
         }
-        let last = pending.last().map_or(0, |p| p.2);
-        self.commit.set_written(last);
-        let segment = w.active.id;
+    }
+
+    /// Makes the group's written records visible to readers, under one lock.
+    fn publish(&self, ops: &[WriteOp], appended: &[Appended]) {
+        if appended.is_empty() {
+            return;
+        }
         let mut state = self.state.write();
-        for &(i, file_offset, change_number) in pending.iter() {
-            let op = &ops[i];
+        if state.closed {
+            return;
+        }
+        for a in appended {
+            let op = &ops[a.op];
             let bytes = op.builder.as_bytes();
             for m in &op.ops {
                 let key = m.key(bytes);
                 if m.delete {
                     state.keydir.remove(key);
                 } else {
-                    state.keydir.insert(
-                        key,
-                        KeyEntry {
-                            pointer: RecordPointer {
-                                segment,
-                                offset: (file_offset + u64::from(m.offset)) as u32,
-                                len: m.len,
-                            },
-                            expire_ts: m.expire_ts,
-                            change_number,
+                    let entry = KeyEntry {
+                        pointer: RecordPointer {
+                            segment: a.segment,
+                            offset: (a.file_offset + u64::from(m.offset)) as u32,
+                            len: m.len,
                         },
-                    );
+                        expire_ts: m.expire_ts,
+                        change_number: a.change_number,
+                    };
+                    state.keydir.insert(key, entry);
                 }
             }
         }
-        pending.clear();
-        Ok(())
     }
 
-    /// Whether a conditional write should append, judged on the current
-    /// (fully flushed) state.
-    fn condition_holds(&self, op: &WriteOp) -> Result<bool> {
+    /// Whether conditional write `i` should append: judged against the
+    /// newest write of its key earlier in this group, else the index.
+    fn condition_holds(&self, ops: &[WriteOp], appended: &[Appended], i: usize) -> Result<bool> {
+        let op = &ops[i];
         let key = op.first_key();
+        let clock = &self.options.clock;
+        let pending = appended.iter().rev().find_map(|a| {
+            let bytes = ops[a.op].builder.as_bytes();
+            ops[a.op]
+                .ops
+                .iter()
+                .rev()
+                .find(|m| m.key(bytes) == key)
+                .map(|m| (m, bytes))
+        });
+        if let Some((m, bytes)) = pending {
+            return Ok(match &op.kind {
+                WriteKind::Batch => true,
+                WriteKind::DeleteIfPresent => !m.delete,
+                WriteKind::CompareAndSet(expected) => {
+                    if m.delete || clock.is_expired(m.expire_ts) {
+                        expected.is_empty()
+                    } else {
+                        !expected.is_empty() && m.value(bytes) == expected.as_slice()
+                    }
+                }
+            });
+        }
         let state = self.state.read();
         match &op.kind {
             WriteKind::Batch => Ok(true),
             WriteKind::DeleteIfPresent => Ok(state.keydir.get(key).is_some()),
-            WriteKind::CompareAndSet(expected) => match state.live(key, &self.options.clock) {
+            WriteKind::CompareAndSet(expected) => match state.live(key, clock) {
                 None => Ok(expected.is_empty()),
                 Some(_) if expected.is_empty() => Ok(false),
                 Some(entry) => {
