@@ -111,6 +111,43 @@ pub enum Error {
     #[error("StartKey must have the same prefix as PrefixKey")]
     InvalidIterationOptions,
 
+    /// A follower asked for changes older than the log still holds (merged
+    /// away, or removed). Bootstrap it from a snapshot or backup instead.
+    #[error(
+        "change {requested} is no longer in the log; the oldest available is {oldest_available}"
+    )]
+    ChangesCompacted {
+        /// The change number asked for.
+        requested: u64,
+        /// The oldest change number the log still holds.
+        oldest_available: u64,
+    },
+
+    /// A change record handed to `save_changes` is malformed (bad checksum,
+    /// lying lengths, unknown transaction type, ...). Nothing of it was
+    /// applied; fix the master or the transport.
+    #[error("change record {change_number} is invalid: {reason}")]
+    InvalidChange {
+        /// The record's change number.
+        change_number: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The master's latest change number is behind what this slave already
+    /// applied (DKV: "change number of the master node can not be lesser
+    /// than the change number of the slave node"), as after the master was
+    /// restored to an older state. Rebuild the slave.
+    #[error(
+        "change number of the master node can not be lesser than the change number of the slave node (master {master}, applied {applied})"
+    )]
+    MasterBehind {
+        /// The master's latest committed change number.
+        master: u64,
+        /// The slave's applied change number.
+        applied: u64,
+    },
+
     /// [`Options`](crate::Options) hold an impossible combination; the text
     /// says which.
     #[error("invalid options: {0}")]

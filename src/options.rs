@@ -110,6 +110,33 @@ impl fmt::Debug for Clock {
     }
 }
 
+/// How much of the log is kept for followers when merge would otherwise
+/// drop it. A record is kept while any rule wants it; merge (and nothing
+/// else) drops log, so until a merge runs nothing is dropped.
+/// [`Store::retained_from`](crate::Store::retained_from) says where the
+/// kept log starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep at least the newest this many bytes of log, in bytes.
+    /// Default: 1 GiB.
+    pub bytes: u64,
+    /// Keep records written within this long. Default: 1 hour.
+    pub age: Duration,
+    /// Keep every record a pinned follower has not confirmed
+    /// ([`Store::pin_changes`](crate::Store::pin_changes)). Default: `true`.
+    pub honour_pins: bool,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            bytes: 1 << 30,
+            age: Duration::from_secs(3600),
+            honour_pins: true,
+        }
+    }
+}
+
 /// Settings for [`Store::open`](crate::Store::open).
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -133,6 +160,8 @@ pub struct Options {
     pub max_batch_bytes: u64,
     /// Clock for expiry. Default: the system clock.
     pub clock: Clock,
+    /// Log kept for replication followers. Default: see [`Retention`].
+    pub retention: Retention,
     /// Test hook: fails chosen I/O calls of the writer. Default: `None`.
     pub fault_injector: Option<Arc<FaultInjector>>,
 }
@@ -146,6 +175,7 @@ impl Default for Options {
             preallocate: true,
             max_batch_bytes: 32 << 20,
             clock: Clock::System,
+            retention: Retention::default(),
             fault_injector: None,
         }
     }

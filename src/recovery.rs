@@ -24,6 +24,7 @@ use crate::log::{
     FaultInjector, SealedSegment, SegmentId, SyncFailedMarker, sync_dir, truncate_synced,
 };
 use crate::options::RecoveryMode;
+use crate::replication::ChangeIndex;
 
 /// What `open` found and did while rebuilding the index.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,6 +93,10 @@ impl ScannedSegment {
 #[derive(Debug)]
 pub(crate) struct Recovered {
     pub(crate) keydir: KeyDir,
+    /// Sparse index from change numbers to records.
+    pub(crate) changes: ChangeIndex,
+    /// The highest applied number any record carries (replication).
+    pub(crate) applied: u64,
     /// Segments in id order; the last one becomes the active segment.
     pub(crate) segments: Vec<ScannedSegment>,
     /// The highest segment id found on disk, skipped or removed ones
@@ -129,7 +134,7 @@ pub(crate) fn recover(
     // After a failed fdatasync, only the log up to this position is known
     // to be on disk, whatever the page cache still shows.
     let durable_limit = marker.read()?;
-    let mut keydir = KeyDir::new();
+    let mut rebuilt = Rebuilt::default();
     let mut report = RecoveryReport::default();
     let mut segments: Vec<ScannedSegment> = Vec::with_capacity(ids.len());
     let mut skipped_previous = false;
@@ -152,7 +157,7 @@ pub(crate) fn recover(
                 mode,
                 durable_limit: durable_limit.filter(|_| newest),
             },
-            &mut keydir,
+            &mut rebuilt,
             &mut report,
             faults,
         )?;
@@ -181,14 +186,24 @@ pub(crate) fn recover(
         marker.clear(faults)?;
     }
     report.segments = ids.len();
-    report.keys = keydir.len();
+    report.keys = rebuilt.keydir.len();
     report.duration = started.elapsed();
     Ok(Recovered {
-        keydir,
+        keydir: rebuilt.keydir,
+        changes: rebuilt.changes,
+        applied: rebuilt.applied,
         segments,
         highest_id: ids.last().copied(),
         report,
     })
+}
+
+/// What the replayed records build.
+#[derive(Default)]
+struct Rebuilt {
+    keydir: KeyDir,
+    changes: ChangeIndex,
+    applied: u64,
 }
 
 /// What became of one segment file.
@@ -226,7 +241,7 @@ struct Scanning {
 
 fn scan_segment(
     seg: Scanning,
-    keydir: &mut KeyDir,
+    rebuilt: &mut Rebuilt,
     report: &mut RecoveryReport,
     faults: Option<&FaultInjector>,
 ) -> Result<Scan> {
@@ -341,6 +356,12 @@ fn scan_segment(
                     == expected_change_number(base, at, rec.header.record_len()) =>
             {
                 let cn = rec.header.change_number;
+                rebuilt
+                    .changes
+                    .note(cn - rec.header.record_len(), id, at as u64);
+                if let Some(applied) = rec.applied {
+                    rebuilt.applied = rebuilt.applied.max(applied);
+                }
                 for (off, op) in rec.ops() {
                     let pointer = RecordPointer {
                         segment: id,
@@ -349,7 +370,7 @@ fn scan_segment(
                     };
                     match op.kind {
                         OpKind::Put => {
-                            keydir.insert_if_newer(
+                            rebuilt.keydir.insert_if_newer(
                                 op.key,
                                 KeyEntry {
                                     pointer,
@@ -359,8 +380,12 @@ fn scan_segment(
                             );
                         }
                         OpKind::Delete => {
-                            if keydir.get(op.key).is_some_and(|e| e.change_number < cn) {
-                                keydir.remove(op.key);
+                            if rebuilt
+                                .keydir
+                                .get(op.key)
+                                .is_some_and(|e| e.change_number < cn)
+                            {
+                                rebuilt.keydir.remove(op.key);
                             }
                         }
                     }

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -35,8 +35,10 @@ use crate::log::{
 };
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
+use crate::replication::ChangeIndex;
 use crate::serverpb::{CompareAndSetRequest, KvPair};
-use write::{OpMeta, WriteKind, WriteOp, WriteQueue};
+use write::WriteQueue;
+pub(crate) use write::{OpMeta, WriteKind, WriteOp};
 
 /// DKV's `KVStore`, translated to Rust.
 ///
@@ -75,13 +77,13 @@ pub trait KvStore {
 /// An open dkv-cask store. Dropping it closes it on a best-effort basis;
 /// call [`close`](KvStore::close) to see errors.
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// The shared state behind a [`Store`] and its iterators.
 pub(crate) struct Inner {
-    dir: PathBuf,
-    options: Options,
+    pub(crate) dir: PathBuf,
+    pub(crate) options: Options,
     /// The directory lock; taken out by `close`.
     lock: Mutex<Option<DirLock>>,
     /// Writers waiting for a leader (see `write`); taken before lock 1.
@@ -89,8 +91,14 @@ pub(crate) struct Inner {
     /// Lock 1: the append position and the active segment.
     writer: Mutex<Writer>,
     /// Lock 2: the index and the segment table.
-    state: RwLock<State>,
-    commit: GroupCommit,
+    pub(crate) state: RwLock<State>,
+    pub(crate) commit: GroupCommit,
+    /// The master's change number reached by applied changes (replication).
+    pub(crate) applied: AtomicU64,
+    /// Serialises `save_changes` calls, so a change is never applied twice.
+    pub(crate) applier: Mutex<()>,
+    /// Followers' pins: name → the first change number each still needs.
+    pub(crate) pins: Mutex<std::collections::BTreeMap<String, u64>>,
     closed: AtomicBool,
     report: RecoveryReport,
     /// The interval syncer, when `SyncMode::Interval`.
@@ -107,16 +115,18 @@ struct Writer {
 }
 
 /// What readers need: the index and a way to read every segment.
-struct State {
+pub(crate) struct State {
     keydir: KeyDir,
-    segments: BTreeMap<SegmentId, SegmentReader>,
+    pub(crate) segments: BTreeMap<SegmentId, Arc<SegmentReader>>,
+    /// Sparse index from change numbers to records.
+    pub(crate) changes: ChangeIndex,
     /// Set by `close` with the index emptied: readers that got the lock
     /// after it report `Closed` rather than an empty store.
     closed: bool,
 }
 
 impl State {
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed {
             Err(Error::Closed)
         } else {
@@ -125,7 +135,7 @@ impl State {
     }
 }
 
-enum SegmentReader {
+pub(crate) enum SegmentReader {
     /// Read through a read-only memory map.
     Sealed(SealedSegment),
     /// The file being appended to: read through its map below the
@@ -134,8 +144,38 @@ enum SegmentReader {
 }
 
 impl SegmentReader {
-    fn active(segment: &ActiveSegment) -> Self {
-        SegmentReader::Active(Arc::clone(&segment.file), segment.map.clone())
+    fn active(segment: &ActiveSegment) -> Arc<Self> {
+        Arc::new(SegmentReader::Active(
+            Arc::clone(&segment.file),
+            segment.map.clone(),
+        ))
+    }
+
+    /// The bytes `[offset, offset + len)`, or `None` past the segment's end
+    /// (for the active segment: past what is published or in the file).
+    /// `buf` holds bytes read from the active segment's file.
+    pub(crate) fn read<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<Option<&'a [u8]>> {
+        match self {
+            SegmentReader::Sealed(s) => Ok(usize::try_from(offset)
+                .ok()
+                .and_then(|o| s.bytes().get(o..o.checked_add(len)?))),
+            SegmentReader::Active(file, map) => {
+                if let Some(bytes) = map.as_ref().and_then(|m| m.bytes(offset, len)) {
+                    return Ok(Some(bytes));
+                }
+                buf.resize(len, 0);
+                match file.read_exact_at(buf, offset) {
+                    Ok(()) => Ok(Some(buf)),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                    Err(e) => Err(Error::io(format!("read {len} bytes at {offset}"), e)),
+                }
+            }
+        }
     }
 }
 
@@ -227,7 +267,7 @@ impl Store {
             )?,
         };
         for s in scanned {
-            segments.insert(s.id, SegmentReader::Sealed(s.map));
+            segments.insert(s.id, Arc::new(SegmentReader::Sealed(s.map)));
         }
         segments.insert(active.id, SegmentReader::active(&active));
         // A segment adopted as active may come from a rollover that crashed
@@ -249,9 +289,13 @@ impl Store {
             state: RwLock::new(State {
                 keydir: recovered.keydir,
                 segments,
+                changes: recovered.changes,
                 closed: false,
             }),
             commit,
+            applied: AtomicU64::new(recovered.applied),
+            applier: Mutex::new(()),
+            pins: Mutex::new(std::collections::BTreeMap::new()),
             closed: AtomicBool::new(false),
             report: recovered.report,
             syncer: Mutex::new(None),
@@ -321,7 +365,7 @@ impl Store {
 }
 
 impl Inner {
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             Err(Error::Closed)
         } else {
@@ -359,7 +403,7 @@ impl Inner {
             let mut state = self.state.write();
             state
                 .segments
-                .insert(w.active.id, SegmentReader::Sealed(sealed));
+                .insert(w.active.id, Arc::new(SegmentReader::Sealed(sealed)));
             state.segments.insert(new.id, SegmentReader::active(&new));
             drop(state);
             w.active = new;
@@ -372,7 +416,7 @@ impl Inner {
         result
     }
 
-    fn check_batch_size(&self, builder: &RecordBuilder) -> Result<()> {
+    pub(crate) fn check_batch_size(&self, builder: &RecordBuilder) -> Result<()> {
         let bytes = builder.payload_len() as u64;
         if bytes > self.options.batch_limit() {
             return Err(Error::BatchTooLarge {
@@ -481,7 +525,7 @@ impl State {
     ) -> Result<(&'a [u8], u64)> {
         let offset = u64::from(pointer.offset);
         let len = pointer.len as usize;
-        let bytes: &[u8] = match self.segments.get(&pointer.segment) {
+        let bytes: &[u8] = match self.segments.get(&pointer.segment).map(|r| &**r) {
             Some(SegmentReader::Sealed(s)) => s
                 .bytes()
                 .get(offset as usize..offset as usize + len)

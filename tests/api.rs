@@ -3,7 +3,8 @@
 //! choices where DKV's engines disagree (dkv-semantics §7): an empty value is
 //! a value, a key is expired once `expire_ts <= now`, CAS treats expired as
 //! absent and always applies the requested expiry, and iteration is globally
-//! ascending. Also: typed errors for bad input, and the closed state.
+//! ascending. Also: typed errors for bad input, a record too large for a
+//! segment, and the closed state.
 //!
 //! Expiry is tested against a manual clock, so no test depends on wall time.
 //! DKV's "+2s" / "-2s" keys become `NOW + 2` / `NOW - 2` here.
@@ -12,9 +13,14 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
+use common::disk::{locate, segment_files};
 use common::*;
+use dkv_cask::format::{OP_HEADER_LEN, RECORD_HEADER_LEN};
 use dkv_cask::serverpb::{CompareAndSetRequest, KvPair};
-use dkv_cask::{Error, IterationOptions, KvStore, MAX_KEY_LEN, MAX_VALUE_LEN, Options, Store};
+use dkv_cask::{
+    Error, IterationOptions, KvStore, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SEGMENT_HEADER_BYTES,
+    Store,
+};
 
 /// The manual clock's "now" in the expiry tests, in Unix seconds.
 const NOW: u64 = 1_700_000_000;
@@ -935,6 +941,68 @@ fn an_empty_batch_writes_nothing() {
     let before = t.store.last_change_number();
     t.store.put(&[]).unwrap();
     assert_eq!(t.store.last_change_number(), before);
+}
+
+/// A record can be longer than a whole segment when `segment_size` was
+/// lowered between opens: a delete record holds its key, so deleting a long
+/// key written under large segments makes one. Such a record goes alone
+/// into an empty segment, which then exceeds `segment_size` (DESIGN.md,
+/// rollover); every other segment stays within it. (Review finding: the
+/// oversized segment was an unstated exception to the segment size; it is
+/// now the documented rule, and this test confines it to that one record.)
+#[test]
+fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
+    let big = Options {
+        segment_size: 1 << 20,
+        max_batch_bytes: 1 << 19,
+        ..test_options()
+    };
+    let small = Options {
+        segment_size: 4096,
+        max_batch_bytes: 1024,
+        ..test_options()
+    };
+    let key = vec![b'k'; 60_000];
+    let t = temp_store(big);
+    t.store.put(&[pair(&key, "v")]).unwrap();
+    t.store.close().unwrap();
+
+    let store = reopen(t.dir.path(), small.clone());
+    let before = store.last_change_number();
+    store.delete(&key).unwrap();
+    let after = store.last_change_number();
+    assert_eq!(value_of(&store, &key), None);
+    let record_len = (RECORD_HEADER_LEN + OP_HEADER_LEN + key.len()) as u64;
+    assert_eq!(after - before, record_len, "one delete record");
+    assert!(record_len > small.segment_size);
+    // The next write does not fit either and seals the oversized segment.
+    store.put(&[pair("x", "y")]).unwrap();
+    store.close().unwrap();
+
+    let record = locate(t.dir.path(), before, after);
+    assert_eq!(
+        record.start, SEGMENT_HEADER_BYTES,
+        "the record starts its segment"
+    );
+    let files = segment_files(t.dir.path());
+    for f in &files[1..] {
+        let len = std::fs::metadata(f).unwrap().len();
+        if *f == record.file {
+            assert_eq!(len, SEGMENT_HEADER_BYTES + record_len, "{}", f.display());
+        } else {
+            assert!(
+                len <= small.segment_size,
+                "{} is {len} bytes, over the segment size {}",
+                f.display(),
+                small.segment_size
+            );
+        }
+    }
+    assert_ne!(record.file, files[0], "the record went into a new segment");
+
+    let store = reopen(t.dir.path(), small);
+    assert_eq!(value_of(&store, &key), None);
+    assert_eq!(value_of(&store, "x"), Some(b"y".to_vec()));
 }
 
 // ---------------------------------------------------------------------------

@@ -488,6 +488,51 @@ fn tolerating_any_corruption_reports_the_records_of_a_missing_segment_as_skipped
     );
 }
 
+/// Salvage must open even when nothing readable is left: the first segment
+/// is skipped for a damaged header and the newest is removed as torn. The
+/// store then takes writes in a new segment, and they survive another
+/// tolerant open that skips the damaged segment again. (Regression: with
+/// no segment left, open created segment 1 at log position 0, whose file
+/// name was the skipped segment's, and failed. New segments are now
+/// numbered above every segment file found, skipped ones included.)
+#[test]
+fn tolerating_any_corruption_opens_a_store_whose_first_segment_is_skipped_and_newest_is_torn() {
+    let mut rng = Rng::from_env("skipped_first_torn_newest");
+    let (dir, _) = store_with_segments(&mut rng, 2);
+    let files = segment_files(dir.path());
+    for f in &files[1..] {
+        fs::remove_file(f).expect("remove");
+    }
+    flip_bit(&files[0], 3, 0);
+    fs::write(&files[1], b"").expect("write");
+
+    let store = open(dir.path(), RecoveryMode::TolerateAnyCorruption)
+        .unwrap_or_else(|e| panic!("salvage open failed: {e}"));
+    let report = store.recovery_report().clone();
+    assert!(
+        report.skipped.iter().any(|r| r.file == files[0]),
+        "the damaged first segment is not reported skipped: {report:?}"
+    );
+    assert!(contents(&store).is_empty());
+    assert!(files[0].exists(), "the damaged segment must be kept");
+    store.put(&[pair("after", "salvage")]).expect("write");
+    store.delete(b"after").expect("delete");
+    store.put(&[pair("kept", "k")]).expect("write");
+    store.close().expect("close");
+
+    let store = open(dir.path(), RecoveryMode::TolerateAnyCorruption).expect("reopen");
+    let mut want = Model::new();
+    want.insert(b"kept".to_vec(), b"k".to_vec());
+    assert!(contents(&store) == want);
+    assert!(
+        store
+            .recovery_report()
+            .skipped
+            .iter()
+            .any(|r| r.file == files[0])
+    );
+}
+
 #[test]
 fn random_garbage_segment_files_never_make_open_panic() {
     let mut rng = Rng::from_env("garbage_segments");

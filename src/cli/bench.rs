@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dkv_cask::serverpb::KvPair;
-use dkv_cask::{IterationOptions, KvStore, Options, Store, SyncMode};
+use dkv_cask::{
+    ChangeApplier, ChangePropagator, IterationOptions, KvStore, Options, Store, SyncMode,
+};
 
 /// Flags of `dkv-cask bench`; every one has a default.
 #[derive(clap::Args, Debug)]
@@ -221,6 +223,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     row.reference = Some(("BTreeMap range + copy".into(), reference.rate()));
     row.note = format!("{:.2} M keys/s", row.rate() * 100.0 / 1e6);
     rows.push(row);
+
+    let mut row = replicate_row(&store, &tmp.path().join("slave"), n)?;
+    let sequential = rows[0].rate();
+    row.reference = Some(("sequential put (Never)".into(), sequential));
+    rows.push(row);
     store.close()?;
     drop(model);
 
@@ -250,6 +257,44 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!();
     print_table(args, &parent, n, index_bytes, &rows);
     Ok(())
+}
+
+/// Copies the first `n` change records of `master` into a new store at
+/// `dir` with `load_changes` and `save_changes`, 1000 per batch.
+fn replicate_row(master: &Store, dir: &Path, n: u64) -> Result<Row, Box<dyn std::error::Error>> {
+    progress("replication (load_changes + save_changes)");
+    let slave = Store::open(
+        dir,
+        Options {
+            sync_mode: SyncMode::Never,
+            ..Options::default()
+        },
+    )?;
+    let mut latencies = Vec::new();
+    let mut from = 0u64;
+    let mut copied = 0u64;
+    let start = Instant::now();
+    while copied < n {
+        let t = Instant::now();
+        let changes = master.load_changes(from, 1000.min((n - copied) as usize))?;
+        let Some(last) = changes.last() else { break };
+        from = last.change_number + u64::from(last.number_of_trxns);
+        let (_, result) = slave.save_changes(&changes);
+        result?;
+        copied += changes.len() as u64;
+        latencies.push(t.elapsed().as_nanos() as u64 / changes.len() as u64);
+    }
+    let elapsed = start.elapsed();
+    slave.close()?;
+    latencies.sort_unstable();
+    Ok(Row {
+        name: "replication apply, 1000 per batch".into(),
+        ops: copied,
+        elapsed,
+        latencies,
+        reference: None,
+        note: "per-change latency".into(),
+    })
 }
 
 /// Puts new keys from `writers` threads under `SyncMode::Always` for `time`.

@@ -9,7 +9,7 @@
 //!
 //! payload (payload len bytes, crc32 = payload crc)
 //! [applied change number: u64, only when flags & FLAG_APPLIED]
-//! op count operations, each:
+//! op count operations (at least one, unless FLAG_APPLIED is set), each:
 //! 0         4      5          6         8           12          20
 //! | op crc  | kind | reserved | key len | value len | expire ts | key | value |
 //! | u32     | u8   | u8 = 0   | u16     | u32       | u64       |     |       |
@@ -236,7 +236,9 @@ pub fn decode_record(buf: &[u8]) -> Result<Record<'_>, FormatError> {
             "operation count does not match the header",
         ));
     }
-    if count == 0 {
+    if count == 0 && applied.is_none() {
+        // Only an applier's record may carry nothing but its applied number
+        // (a change whose operations were all of unknown types).
         return Err(FormatError::Invalid("record without operations"));
     }
     Ok(Record {

@@ -69,12 +69,19 @@ pub(crate) struct WriteOp {
     pub(crate) kind: WriteKind,
     pub(crate) builder: RecordBuilder,
     pub(crate) ops: Vec<OpMeta>,
+    /// The master's change number this record brings an applier to.
+    pub(crate) applied: Option<u64>,
 }
 
 impl WriteOp {
     /// A record of `builder` with one operation per pushed offset.
     pub(crate) fn new(kind: WriteKind, builder: RecordBuilder, ops: Vec<OpMeta>) -> Self {
-        WriteOp { kind, builder, ops }
+        WriteOp {
+            kind,
+            builder,
+            ops,
+            applied: None,
+        }
     }
 
     fn first_key(&self) -> &[u8] {
@@ -100,8 +107,8 @@ struct Slot {
 }
 
 struct SlotInner {
-    op: Option<WriteOp>,
-    outcome: Option<Outcome>,
+    ops: Option<Vec<WriteOp>>,
+    outcomes: Option<Vec<Outcome>>,
     lead: bool,
 }
 
@@ -143,11 +150,10 @@ impl Drop for LeaderGuard<'_> {
         self.inner.commit.poison(cause.clone());
         for f in self.followers {
             let mut g = f.inner.lock();
-            g.outcome.get_or_insert_with(|| {
-                Err(Error::Poisoned {
-                    cause: cause.clone(),
-                })
-            });
+            if g.outcomes.is_none() {
+                // The leader took this slot's ops; say each one failed.
+                g.outcomes = Some(vec![]);
+            }
             drop(g);
             f.thread.unpark();
         }
@@ -159,17 +165,27 @@ impl Inner {
     /// Queues `op` and returns its outcome once a leader (possibly this
     /// thread) has appended it, synced it if required, and published it.
     pub(super) fn submit(&self, op: WriteOp) -> Outcome {
+        self.submit_all(vec![op])
+            .pop()
+            .unwrap_or_else(|| Err(self.abandoned()))
+    }
+
+    /// Queues `ops` to be appended in order within one group (one `pwrite`,
+    /// one sync), and returns their outcomes. Once one fails, the writer is
+    /// poisoned and the rest fail too.
+    pub(crate) fn submit_all(&self, ops: Vec<WriteOp>) -> Vec<Outcome> {
+        let count = ops.len();
         let slot = {
             let mut q = self.queue.inner.lock();
             if !q.leading {
                 q.leading = true;
                 drop(q);
-                return self.lead(op);
+                return self.lead(ops);
             }
             let slot = Arc::new(Slot {
                 inner: Mutex::new(SlotInner {
-                    op: Some(op),
-                    outcome: None,
+                    ops: Some(ops),
+                    outcomes: None,
                     lead: false,
                 }),
                 thread: thread::current(),
@@ -180,21 +196,35 @@ impl Inner {
         loop {
             {
                 let mut g = slot.inner.lock();
-                if let Some(outcome) = g.outcome.take() {
-                    return outcome;
+                if let Some(mut outcomes) = g.outcomes.take() {
+                    // A leader that unwound leaves the list empty.
+                    while outcomes.len() < count {
+                        outcomes.push(Err(self.abandoned()));
+                    }
+                    return outcomes;
                 }
                 if g.lead {
-                    let op = g.op.take().expect("a slot handed the lead holds its op");
+                    let ops = g.ops.take().expect("a slot handed the lead holds its ops");
                     drop(g);
-                    return self.lead(op);
+                    return self.lead(ops);
                 }
             }
             thread::park();
         }
     }
 
+    /// The error of a write whose leader unwound.
+    fn abandoned(&self) -> Error {
+        Error::Poisoned {
+            cause: self
+                .commit
+                .poisoned()
+                .unwrap_or_else(|| "a writer thread panicked while leading a group".into()),
+        }
+    }
+
     /// Runs one group: `first` and every write queued behind it.
-    fn lead(&self, first: WriteOp) -> Outcome {
+    fn lead(&self, first: Vec<WriteOp>) -> Vec<Outcome> {
         self.gather();
         let followers: Vec<Arc<Slot>> = self.queue.inner.lock().waiting.drain(..).collect();
         let mut guard = LeaderGuard {
@@ -202,24 +232,26 @@ impl Inner {
             followers: &followers,
             armed: true,
         };
-        let size = followers.len() + 1;
+        let mut ops = first;
+        let mine = ops.len();
+        let mut counts = Vec::with_capacity(followers.len());
+        for f in &followers {
+            let theirs = f
+                .inner
+                .lock()
+                .ops
+                .take()
+                .expect("a queued slot holds its ops");
+            counts.push(theirs.len());
+            ops.extend(theirs);
+        }
         // The peak decays by one per group, so a drop in concurrency stops
         // the gathering wait within a few groups.
+        let size = followers.len() + 1;
         let peak = self.queue.peak.load(Ordering::Relaxed);
         self.queue
             .peak
             .store(size.max(peak.saturating_sub(1)), Ordering::Relaxed);
-        let mut ops = Vec::with_capacity(size);
-        ops.push(first);
-        for f in &followers {
-            ops.push(
-                f.inner
-                    .lock()
-                    .op
-                    .take()
-                    .expect("a queued slot holds its op"),
-            );
-        }
         let outcomes = {
             let mut w = self.writer.lock();
             let (mut outcomes, mut appended) = self.apply_group(&mut w, &mut ops);
@@ -238,12 +270,12 @@ impl Inner {
         guard.armed = false;
         self.hand_off();
         let mut outcomes = outcomes.into_iter();
-        let mine = outcomes.next().expect("the leader's own outcome");
-        for (f, outcome) in followers.iter().zip(outcomes) {
-            f.inner.lock().outcome = Some(outcome);
+        let result: Vec<Outcome> = outcomes.by_ref().take(mine).collect();
+        for (f, n) in followers.iter().zip(counts) {
+            f.inner.lock().outcomes = Some(outcomes.by_ref().take(n).collect());
             f.thread.unpark();
         }
-        mine
+        result
     }
 
     /// Gives the lead to the first waiting writer, or ends the leadership.
@@ -383,6 +415,11 @@ impl Inner {
         for a in appended {
             let op = &ops[a.op];
             let bytes = op.builder.as_bytes();
+            let start = a.change_number - bytes.len() as u64;
+            state.changes.note(start, a.segment, a.file_offset);
+            if let Some(applied) = op.applied {
+                self.applied.fetch_max(applied, Ordering::AcqRel);
+            }
             for m in &op.ops {
                 let key = m.key(bytes);
                 if m.delete {
