@@ -772,3 +772,41 @@ fn retention_keeps_what_bytes_age_and_pins_ask_for() {
         ignoring.store.durable_change_number() + 1
     );
 }
+
+/// A change record the master serves, encoded with prost, carries DKV's
+/// field numbers (`serverpb.ChangeRecord`: serialisedForm = 1,
+/// changeNumber = 2, numberOfTrxns = 3, trxns = 4; `TrxnRecord`: type = 1,
+/// key = 2, value = 3, expireTS = 4), checked against a hand-built encoding.
+#[test]
+fn served_change_records_encode_with_dkv_field_numbers() {
+    use prost::Message;
+    let t = temp_store(synced());
+    t.store.put(&[pair_ttl("k", "v", 300)]).unwrap();
+    let c = t.store.load_changes(0, 1).unwrap().remove(0);
+    let form = &c.serialised_form;
+    let varint = |mut n: u64| {
+        let mut out = Vec::new();
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out
+    };
+    let trxn = [
+        &[0x08, 1][..],      // type = Put
+        &[0x12, 1, b'k'],    // key
+        &[0x1a, 1, b'v'],    // value
+        &[0x20, 0xac, 0x02], // expireTS = 300
+    ]
+    .concat();
+    let mut expected = vec![0x0a];
+    expected.extend(varint(form.len() as u64));
+    expected.extend(form);
+    expected.push(0x10);
+    expected.extend(varint(c.change_number));
+    expected.extend([0x18, 1, 0x22, trxn.len() as u8]);
+    expected.extend(trxn);
+    assert_eq!(c.encode_to_vec(), expected);
+    assert_eq!(ChangeRecord::decode(&expected[..]).unwrap(), c);
+}
