@@ -54,7 +54,8 @@ pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
 pub use iter::{Iter, IterationOptions};
 pub use keydir::{KeyDir, KeyEntry, RecordPointer};
 pub use log::{
-    FaultInjector, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SYNC_FAILED_FILE, SegmentId,
+    FaultInjector, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SPARE_FILE, SYNC_FAILED_FILE,
+    SegmentId,
 };
 pub use options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, RecoveryMode, Retention, SyncMode};
 pub use recovery::{DamagedRange, RecoveryReport, TruncatedTail};

@@ -31,7 +31,7 @@ use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, decode_op};
 use crate::iter::{Iter, IterationOptions};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
-    ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId, sync_dir,
+    ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId, Spare, sync_dir,
 };
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
@@ -112,6 +112,9 @@ struct Writer {
     /// Id of the next segment: above every segment file seen, including
     /// ones recovery skipped.
     next_segment: SegmentId,
+    /// The next segment's file, zero-filled in the background (only with
+    /// `Options::preallocate`).
+    spare: Option<Spare>,
 }
 
 /// What readers need: the index and a way to read every segment.
@@ -276,6 +279,8 @@ impl Store {
         sync_dir(&dir, faults)?;
         let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
         let commit = GroupCommit::new(Arc::clone(&active.file), active.position(), &dir);
+        let (preallocate, segment_size, dir_for_spare) =
+            (options.preallocate, options.segment_size, dir.clone());
         let inner = Arc::new(Inner {
             dir,
             options,
@@ -285,6 +290,7 @@ impl Store {
                 active,
                 buffer: Vec::new(),
                 next_segment,
+                spare: preallocate.then(|| Spare::start(&dir_for_spare, segment_size)),
             }),
             state: RwLock::new(State {
                 keydir: recovered.keydir,
@@ -390,14 +396,27 @@ impl Inner {
             let after = next
                 .next()
                 .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
-            let new = ActiveSegment::create(
-                &self.dir,
-                next,
-                end,
-                self.options.segment_size,
-                self.options.preallocate,
-                self.faults(),
-            )?;
+            let new = match &mut w.spare {
+                Some(spare) => ActiveSegment::create_from_spare(
+                    &self.dir,
+                    next,
+                    end,
+                    self.options.segment_size,
+                    spare,
+                    self.faults(),
+                )?,
+                None => ActiveSegment::create(
+                    &self.dir,
+                    next,
+                    end,
+                    self.options.segment_size,
+                    false,
+                    self.faults(),
+                )?,
+            };
+            if self.options.preallocate {
+                w.spare = Some(Spare::start(&self.dir, self.options.segment_size));
+            }
             let sealed = SealedSegment::open(&w.active.path)?;
             self.commit.switch_file(Arc::clone(&new.file), end);
             let mut state = self.state.write();
@@ -492,9 +511,12 @@ impl Inner {
             s.stop();
         }
         let result = {
-            let _w = self.writer.lock();
+            let mut w = self.writer.lock();
             if self.closed.swap(true, Ordering::AcqRel) {
                 return Ok(());
+            }
+            if let Some(mut spare) = w.spare.take() {
+                spare.take();
             }
             match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),

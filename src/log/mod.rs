@@ -15,7 +15,8 @@ pub use fault::{FaultInjector, InjectedError};
 pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
 pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
 pub(crate) use mmap::{ActiveMap, SealedSegment};
-pub(crate) use writer::{ActiveSegment, GroupCommit};
+pub use writer::SPARE_FILE;
+pub(crate) use writer::{ActiveSegment, GroupCommit, Spare};
 
 /// Extension of segment files.
 pub const SEGMENT_EXTENSION: &str = "seg";

@@ -23,6 +23,53 @@ use crate::format::{SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind};
 /// Size of the zero buffer used to preallocate segments.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Name of the zero-filled file prepared in the background for the next
+/// segment. Recovery ignores it (it is not a `.seg` file).
+pub const SPARE_FILE: &str = "spare.seg.tmp";
+
+/// Prepares the next segment's file in the background: the zero fill of a
+/// preallocated segment takes about as long as writing it (a 64 MiB segment
+/// at disk speed), which would otherwise stall writers at every rollover.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    job: Option<std::thread::JoinHandle<std::io::Result<File>>>,
+}
+
+impl Spare {
+    /// Starts preparing a spare of `capacity` bytes in `dir`.
+    pub(crate) fn start(dir: &Path, capacity: u64) -> Spare {
+        let path = dir.join(SPARE_FILE);
+        let job = std::thread::Builder::new()
+            .name("dkv-cask-spare".into())
+            .spawn(move || {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)?;
+                let zeros = vec![0u8; ZERO_CHUNK];
+                let mut at = 0;
+                while at < capacity {
+                    let n = (capacity - at).min(ZERO_CHUNK as u64) as usize;
+                    file.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                file.sync_all()?;
+                Ok(file)
+            })
+            .ok();
+        Spare { job }
+    }
+
+    /// Waits for the spare; `None` if preparing it failed (the caller then
+    /// creates the segment itself). Called at close too, so that no
+    /// background write outlives the handle.
+    pub(crate) fn take(&mut self) -> Option<File> {
+        self.job.take()?.join().ok()?.ok()
+    }
+}
+
 /// The segment new records are appended to.
 #[derive(Debug)]
 pub(crate) struct ActiveSegment {
@@ -92,6 +139,51 @@ impl ActiveSegment {
         if preallocate {
             seg.map_for_readers()?;
         }
+        Ok(seg)
+    }
+
+    /// Creates a new segment from a prepared spare when there is one (a
+    /// header write, one sync, a rename and a folder sync), else as
+    /// [`ActiveSegment::create`] does.
+    pub(crate) fn create_from_spare(
+        dir: &Path,
+        id: SegmentId,
+        base_position: u64,
+        capacity: u64,
+        spare: &mut Spare,
+        faults: Option<&FaultInjector>,
+    ) -> Result<Self> {
+        let Some(file) = spare.take() else {
+            return Self::create(dir, id, base_position, capacity, true, faults);
+        };
+        let path = id.path_in(dir);
+        let header = SegmentHeader {
+            kind: SegmentKind::Log,
+            id,
+            base_position,
+        };
+        check(faults, IoPoint::Append)
+            .and_then(|()| file.write_all_at(&header.encode(), 0))
+            .and_then(|()| check(faults, IoPoint::Sync))
+            .and_then(|()| file.sync_data())
+            .and_then(|()| check(faults, IoPoint::Create))
+            .and_then(|()| std::fs::rename(dir.join(SPARE_FILE), &path))
+            .context(|| format!("turn the spare file into segment {}", path.display()))?;
+        sync_dir(dir, faults)?;
+        let len = file
+            .metadata()
+            .context(|| format!("stat segment {}", path.display()))?
+            .len();
+        let mut seg = ActiveSegment {
+            id,
+            file: Arc::new(file),
+            path,
+            base_position,
+            offset: SEGMENT_HEADER_LEN as u64,
+            capacity: capacity.min(len).max(SEGMENT_HEADER_LEN as u64),
+            map: None,
+        };
+        seg.map_for_readers()?;
         Ok(seg)
     }
 
