@@ -148,6 +148,31 @@ pub enum Error {
         applied: u64,
     },
 
+    /// A backup, restore or snapshot load is already running on this store;
+    /// the text is DKV's. Try again when it has finished.
+    #[error("Another global keyspace mutation is in progress")]
+    GlobalMutationInProgress,
+
+    /// A path given for a backup, restore or store folder is unusable; the
+    /// reason says why (DKV's texts where DKV has one).
+    #[error("{reason}: {}", path.display())]
+    InvalidPath {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A backup is unfinished or damaged (a missing, truncated or altered
+    /// file, a tampered manifest). Nothing was restored; use another backup.
+    #[error("backup {} is not usable: {reason}", path.display())]
+    InvalidBackup {
+        /// The backup folder or the damaged file.
+        path: PathBuf,
+        /// What check failed.
+        reason: String,
+    },
+
     /// [`Options`](crate::Options) hold an impossible combination; the text
     /// says which.
     #[error("invalid options: {0}")]

@@ -24,6 +24,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backup;
 mod error;
 pub mod format;
 #[doc(hidden)]
@@ -49,6 +50,10 @@ pub mod serverpb {
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+pub use backup::{
+    BACKUP_MANIFEST, BackupFile, BackupInfo, Backupable, RestoreStep, restore_with_hook,
+    verify_backup,
+};
 pub use error::{Error, Result};
 pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
 pub use iter::{Iter, IterationOptions};

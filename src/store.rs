@@ -99,6 +99,11 @@ pub(crate) struct Inner {
     pub(crate) applier: Mutex<()>,
     /// Followers' pins: name → the first change number each still needs.
     pub(crate) pins: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Length and CRC-32 of sealed segments, known from sealing them or
+    /// from reading them once (backups need them).
+    pub(crate) sealed_crcs: Mutex<std::collections::HashMap<SegmentId, (u64, u32)>>,
+    /// Set while a backup, restore or snapshot load runs.
+    pub(crate) global_mutation: AtomicBool,
     closed: AtomicBool,
     report: RecoveryReport,
     /// The interval syncer, when `SyncMode::Interval`.
@@ -230,6 +235,15 @@ impl Store {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let faults = options.fault_injector.as_deref();
+        crate::backup::settle_swaps(&dir)?;
+        if dir.join(crate::backup::BACKUP_MANIFEST).exists() {
+            return Err(Error::InvalidPath {
+                path: dir,
+                reason: "this folder holds a backup (its segments may be hard links into a live \
+                         store): restore it instead of opening it"
+                    .into(),
+            });
+        }
         if !dir.is_dir() {
             fs::create_dir_all(&dir)
                 .context(|| format!("create store folder {}", dir.display()))?;
@@ -302,6 +316,8 @@ impl Store {
             applied: AtomicU64::new(recovered.applied),
             applier: Mutex::new(()),
             pins: Mutex::new(std::collections::BTreeMap::new()),
+            sealed_crcs: Mutex::new(std::collections::HashMap::new()),
+            global_mutation: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             report: recovered.report,
             syncer: Mutex::new(None),
@@ -386,9 +402,17 @@ impl Inner {
     /// Seals the active segment and starts the next one. Any failure poisons
     /// the writer: the on-disk state is then only trusted after reopen.
     fn rollover(&self, w: &mut Writer) -> Result<()> {
-        if let Err(e) = w.active.seal(self.faults()) {
-            self.commit.sync_failed(e.chain());
-            return Err(e);
+        match w.active.seal(self.faults()) {
+            Ok(Some(crc)) => {
+                self.sealed_crcs
+                    .lock()
+                    .insert(w.active.id, (w.active.offset, crc));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.commit.sync_failed(e.chain());
+                return Err(e);
+            }
         }
         let result: Result<()> = (|| {
             let end = w.active.position();
@@ -444,6 +468,56 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    /// Seals the active segment (if it holds records) so that everything
+    /// written so far lies in immutable, synced segments. Writers wait for
+    /// the writer lock meanwhile: a sync, a truncate and the rename of the
+    /// prepared spare segment. Returns the log position everything sealed
+    /// ends at, and the sealed segments' ids and paths, oldest first.
+    pub(crate) fn seal_active(&self) -> Result<(u64, Vec<(SegmentId, PathBuf)>)> {
+        let mut w = self.writer.lock();
+        self.check_open()?;
+        if let Some(cause) = self.commit.poisoned() {
+            return Err(Error::Poisoned { cause });
+        }
+        if !w.active.is_empty() {
+            self.rollover(&mut w)?;
+        }
+        let end = w.active.base_position;
+        let state = self.state.read();
+        let sealed = state
+            .segments
+            .iter()
+            .filter(|&(&id, r)| id != w.active.id && matches!(**r, SegmentReader::Sealed(_)))
+            .map(|(&id, _)| (id, id.path_in(&self.dir)))
+            .collect();
+        Ok((end, sealed))
+    }
+
+    /// The length and CRC-32 of a sealed segment, from the cache or by
+    /// reading it once.
+    pub(crate) fn sealed_crc(&self, id: SegmentId) -> Result<(u64, u32)> {
+        if let Some(&known) = self.sealed_crcs.lock().get(&id) {
+            return Ok(known);
+        }
+        let reader = self
+            .state
+            .read()
+            .segments
+            .get(&id)
+            .cloned()
+            .ok_or(Error::Closed)?;
+        let SegmentReader::Sealed(map) = &*reader else {
+            return Err(Error::corruption(
+                id.path_in(&self.dir),
+                0,
+                "segment is not sealed",
+            ));
+        };
+        let known = (map.bytes().len() as u64, crc32fast::hash(map.bytes()));
+        self.sealed_crcs.lock().insert(id, known);
+        Ok(known)
     }
 
     /// Copies live pairs at or after `cursor` into `out`, stopping after

@@ -88,6 +88,10 @@ pub(crate) struct ActiveSegment {
     /// A read-only map of the preallocated file, for readers; `None` when
     /// the segment is not preallocated (readers then use `pread`).
     pub(crate) map: Option<Arc<ActiveMap>>,
+    /// CRC-32 of the file's bytes so far (header and records), kept while
+    /// appending so that sealing knows the sealed file's checksum without
+    /// reading it back; `None` for a segment taken over at open.
+    crc: Option<crc32fast::Hasher>,
 }
 
 impl ActiveSegment {
@@ -127,6 +131,7 @@ impl ActiveSegment {
             offset: SEGMENT_HEADER_LEN as u64,
             capacity,
             map: None,
+            crc: Some(hasher_with(&header.encode())),
         };
         if preallocate {
             seg.zero_fill(faults)?;
@@ -182,6 +187,7 @@ impl ActiveSegment {
             offset: SEGMENT_HEADER_LEN as u64,
             capacity: capacity.min(len).max(SEGMENT_HEADER_LEN as u64),
             map: None,
+            crc: Some(hasher_with(&header.encode())),
         };
         seg.map_for_readers()?;
         Ok(seg)
@@ -211,6 +217,7 @@ impl ActiveSegment {
             offset,
             capacity: capacity.max(offset),
             map: None,
+            crc: None,
         };
         let len = seg
             .file
@@ -285,17 +292,28 @@ impl ActiveSegment {
         if let Some(map) = &self.map {
             map.publish(self.offset);
         }
+        if let Some(crc) = &mut self.crc {
+            crc.update(bytes);
+        }
         Ok(())
     }
 
     /// Makes the segment immutable: syncs its data and cuts the file to the
-    /// records' end (dropping preallocated zeros).
-    pub(crate) fn seal(&self, faults: Option<&FaultInjector>) -> Result<()> {
+    /// records' end (dropping preallocated zeros). Returns the sealed file's
+    /// CRC-32 when it was tracked.
+    pub(crate) fn seal(&self, faults: Option<&FaultInjector>) -> Result<Option<u32>> {
         check(faults, IoPoint::Sync)
             .and_then(|()| self.file.sync_data())
             .context(|| format!("sync segment {}", self.id))?;
-        truncate_synced(&self.file, &self.path, self.offset, faults)
+        truncate_synced(&self.file, &self.path, self.offset, faults)?;
+        Ok(self.crc.clone().map(crc32fast::Hasher::finalize))
     }
+}
+
+fn hasher_with(bytes: &[u8]) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    h.update(bytes);
+    h
 }
 
 /// Group commit: tracks how far the log is written and how far it is

@@ -1,0 +1,567 @@
+//! DKV's `Backupable`: online backups made of hard links to sealed segments
+//! plus a checksummed manifest, verified restores that swap the store's
+//! folder crash-safely, and the open-time step that finishes or undoes a
+//! swap a crash interrupted. Must not write to a live segment.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::FORMAT_VERSION;
+use crate::helpers::{create_temp_folder, rename_folder};
+use crate::log::{SegmentId, sync_dir};
+use crate::store::{Inner, KvStore, Store};
+
+/// The manifest's file name inside a backup folder. A folder without it is
+/// an unfinished backup.
+pub const BACKUP_MANIFEST: &str = "BACKUP-MANIFEST";
+
+/// Marks a staged restore as complete (all files in place and synced).
+const RESTORE_COMPLETE: &str = "RESTORE-COMPLETE";
+
+/// First line of a manifest.
+const MANIFEST_MAGIC: &str = "dkv-cask-backup";
+
+/// DKV's `Backupable`.
+pub trait Backupable {
+    /// Backs the whole store up into the folder `path` (created if missing;
+    /// its parent must exist). Writers keep going meanwhile.
+    fn backup_to(&self, path: &Path) -> Result<BackupInfo>;
+
+    /// Verifies the backup in the folder `path`, replaces this store's
+    /// contents with it, and returns the reopened store. On an error before
+    /// the swap this handle stays open and unchanged; from the swap on it
+    /// is closed, and a crash leaves the old store or the restored one.
+    fn restore_from(&self, path: &Path) -> Result<Store>;
+}
+
+/// What a backup holds: its manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// The change number the backup stands at: every record up to it.
+    pub change_number: u64,
+    /// The master change number a replica had applied (0 otherwise).
+    pub applied_change_number: u64,
+    /// When the backup was taken, in Unix seconds.
+    pub created_unix: u64,
+    /// Every segment file: name, length and CRC-32.
+    pub files: Vec<BackupFile>,
+    /// Files hard-linked (the rest were copied).
+    pub linked: usize,
+    /// Wall time the backup took (zero when read from a manifest).
+    pub duration: Duration,
+}
+
+/// One file of a backup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupFile {
+    /// File name inside the backup folder.
+    pub name: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC-32 of the whole file.
+    pub crc: u32,
+}
+
+impl BackupInfo {
+    /// Total bytes of the backup's files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.len).sum()
+    }
+
+    fn encode(&self) -> String {
+        let mut s = format!(
+            "{MANIFEST_MAGIC} {FORMAT_VERSION}\nchange-number {}\napplied-change-number {}\ncreated-unix {}\n",
+            self.change_number, self.applied_change_number, self.created_unix
+        );
+        for f in &self.files {
+            s.push_str(&format!("file {} {} {:08x}\n", f.name, f.len, f.crc));
+        }
+        let crc = crc32fast::hash(s.as_bytes());
+        s.push_str(&format!("crc32 {crc:08x}\n"));
+        s
+    }
+
+    fn decode(text: &str, path: &Path) -> Result<BackupInfo> {
+        let bad = |reason: &str| Error::InvalidBackup {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let body_end = text
+            .trim_end_matches('\n')
+            .rfind('\n')
+            .map(|i| i + 1)
+            .ok_or_else(|| bad("manifest is truncated"))?;
+        let (body, last) = text.split_at(body_end);
+        let crc = last
+            .trim()
+            .strip_prefix("crc32 ")
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| bad("manifest has no checksum line"))?;
+        if crc32fast::hash(body.as_bytes()) != crc {
+            return Err(bad("manifest checksum does not match"));
+        }
+        let mut lines = body.lines();
+        let version = lines
+            .next()
+            .and_then(|l| l.strip_prefix(MANIFEST_MAGIC))
+            .and_then(|v| v.trim().parse::<u16>().ok())
+            .ok_or_else(|| bad("not a dkv-cask backup manifest"))?;
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                file: path.to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let mut field = |name: &str| -> Result<u64> {
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| bad(&format!("manifest lacks {name}")))
+        };
+        let change_number = field("change-number")?;
+        let applied_change_number = field("applied-change-number")?;
+        let created_unix = field("created-unix")?;
+        let mut files = Vec::new();
+        for line in lines {
+            let mut parts = line.split(' ');
+            let (Some("file"), Some(name), Some(len), Some(crc), None) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) else {
+                return Err(bad(&format!("unreadable manifest line {line:?}")));
+            };
+            if SegmentId::parse_file_name(name).is_none() {
+                return Err(bad(&format!("manifest names a foreign file {name:?}")));
+            }
+            files.push(BackupFile {
+                name: name.to_string(),
+                len: len.parse().map_err(|_| bad("unreadable file length"))?,
+                crc: u32::from_str_radix(crc, 16).map_err(|_| bad("unreadable file checksum"))?,
+            });
+        }
+        Ok(BackupInfo {
+            change_number,
+            applied_change_number,
+            created_unix,
+            files,
+            linked: 0,
+            duration: Duration::ZERO,
+        })
+    }
+}
+
+/// Holds the store's global-mutation flag for a backup, restore or snapshot
+/// load, and clears it when dropped.
+pub(crate) struct GlobalMutation<'a>(&'a Inner);
+
+impl<'a> GlobalMutation<'a> {
+    /// Takes the flag, or fails at once with DKV's error.
+    pub(crate) fn take(inner: &'a Inner) -> Result<Self> {
+        inner
+            .global_mutation
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .map_err(|_| Error::GlobalMutationInProgress)?;
+        Ok(GlobalMutation(inner))
+    }
+}
+
+impl Drop for GlobalMutation<'_> {
+    fn drop(&mut self) {
+        self.0.global_mutation.store(false, Ordering::Release);
+    }
+}
+
+/// DKV's path rules for a backup folder: not blank; an existing path must
+/// be a folder; a missing one needs an existing parent.
+fn check_backup_path(path: &Path, store_dir: &Path) -> Result<()> {
+    if path.as_os_str().to_string_lossy().trim().is_empty() {
+        return Err(Error::InvalidPath {
+            path: path.to_path_buf(),
+            reason: "valid path must be provided".into(),
+        });
+    }
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::InvalidPath {
+                path: path.to_path_buf(),
+                reason: "require a folder for a backup".into(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = parent_of(path);
+            fs::metadata(&parent)
+                .context(|| format!("find the parent folder {}", parent.display()))?;
+        }
+        Err(e) => return Err(Error::io(format!("stat {}", path.display()), e)),
+    }
+    if same_folder(path, store_dir) {
+        return Err(Error::InvalidPath {
+            path: path.to_path_buf(),
+            reason: "a backup cannot go into the store's own folder".into(),
+        });
+    }
+    Ok(())
+}
+
+/// DKV's path rules for a restore: the path must be an existing folder.
+fn check_restore_path(path: &Path) -> Result<()> {
+    if path.as_os_str().to_string_lossy().trim().is_empty() {
+        return Err(Error::InvalidPath {
+            path: path.to_path_buf(),
+            reason: "valid path must be provided".into(),
+        });
+    }
+    let m = fs::metadata(path).context(|| format!("find the backup {}", path.display()))?;
+    if !m.is_dir() {
+        return Err(Error::InvalidPath {
+            path: path.to_path_buf(),
+            reason: "require a folder for a restore".into(),
+        });
+    }
+    Ok(())
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Hard-links `src` to `dst`, or copies it (and syncs the copy) where a
+/// link is impossible. Returns whether it linked.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<bool> {
+    match fs::hard_link(src, dst) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(dst).context(|| format!("remove {}", dst.display()))?;
+            link_or_copy(src, dst)
+        }
+        Err(_) => {
+            copy_synced(src, dst)?;
+            Ok(false)
+        }
+    }
+}
+
+/// Copies `src` to `dst` and syncs the copy.
+fn copy_synced(src: &Path, dst: &Path) -> Result<()> {
+    fs::copy(src, dst)
+        .and_then(|_| fs::File::open(dst)?.sync_all())
+        .context(|| format!("copy {} to {}", src.display(), dst.display()))
+}
+
+/// Writes `contents` to `dir/name` through a synced temp file and a rename,
+/// then syncs the folder.
+fn write_file_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    (|| -> io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    })()
+    .context(|| format!("write {}", path.display()))?;
+    sync_dir(dir, None)
+}
+
+/// Reads and checks the manifest and every file of the backup in `path`:
+/// sizes and CRC-32s. Touches nothing.
+pub fn verify_backup(path: &Path) -> Result<BackupInfo> {
+    check_restore_path(path)?;
+    let manifest = path.join(BACKUP_MANIFEST);
+    let text = match fs::read(&manifest) {
+        Ok(b) => String::from_utf8(b).map_err(|_| Error::InvalidBackup {
+            path: manifest.clone(),
+            reason: "manifest is not text".into(),
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::InvalidBackup {
+                path: path.to_path_buf(),
+                reason: format!("no {BACKUP_MANIFEST}: the backup is unfinished"),
+            });
+        }
+        Err(e) => return Err(Error::io(format!("read {}", manifest.display()), e)),
+    };
+    let info = BackupInfo::decode(&text, &manifest)?;
+    for f in &info.files {
+        let file = path.join(&f.name);
+        let bytes = fs::read(&file).map_err(|e| Error::InvalidBackup {
+            path: file.clone(),
+            reason: format!("cannot read a file the manifest lists: {e}"),
+        })?;
+        if bytes.len() as u64 != f.len {
+            return Err(Error::InvalidBackup {
+                path: file,
+                reason: format!("{} bytes, the manifest says {}", bytes.len(), f.len),
+            });
+        }
+        if crc32fast::hash(&bytes) != f.crc {
+            return Err(Error::InvalidBackup {
+                path: file,
+                reason: "checksum does not match the manifest".into(),
+            });
+        }
+    }
+    Ok(info)
+}
+
+impl Backupable for Store {
+    fn backup_to(&self, path: &Path) -> Result<BackupInfo> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        inner.check_open()?;
+        check_backup_path(path, &inner.dir)?;
+        let _flag = GlobalMutation::take(inner)?;
+        if !path.exists() {
+            fs::create_dir(path).context(|| format!("create {}", path.display()))?;
+            sync_dir(&parent_of(path), None)?;
+        }
+        // An earlier backup in the folder: unmark it first, so that a crash
+        // from here on leaves a folder recognisably unfinished.
+        let old_manifest = path.join(BACKUP_MANIFEST);
+        if old_manifest.exists() {
+            fs::remove_file(&old_manifest)
+                .context(|| format!("remove {}", old_manifest.display()))?;
+            sync_dir(path, None)?;
+        }
+        let (change_number, sealed) = inner.seal_active()?;
+        let mut files = Vec::with_capacity(sealed.len());
+        let mut linked = 0;
+        let mut keep = std::collections::HashSet::new();
+        for (id, src) in &sealed {
+            let name = id.file_name();
+            let (len, crc) = inner.sealed_crc(*id)?;
+            if link_or_copy(src, &path.join(&name))? {
+                linked += 1;
+            }
+            keep.insert(name.clone());
+            files.push(BackupFile { name, len, crc });
+        }
+        // Segment files of an older backup that this one does not hold.
+        for entry in fs::read_dir(path).context(|| format!("list {}", path.display()))? {
+            let entry = entry.context(|| format!("list {}", path.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if SegmentId::parse_file_name(&name).is_some() && !keep.contains(&name) {
+                fs::remove_file(entry.path()).context(|| format!("remove {name}"))?;
+            }
+        }
+        sync_dir(path, None)?;
+        let info = BackupInfo {
+            change_number,
+            applied_change_number: inner.applied.load(Ordering::Acquire),
+            created_unix: now_unix(),
+            files,
+            linked,
+            duration: Duration::ZERO,
+        };
+        write_file_atomically(path, BACKUP_MANIFEST, info.encode().as_bytes())?;
+        Ok(BackupInfo {
+            duration: started.elapsed(),
+            ..info
+        })
+    }
+
+    fn restore_from(&self, path: &Path) -> Result<Store> {
+        restore_with_hook(self, path, &mut |_| true)
+    }
+}
+
+/// The steps of a restore, for crash tests.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreStep {
+    /// The backup was verified; nothing was touched.
+    Verified,
+    /// The files are staged beside the store, not yet marked complete.
+    Staged,
+    /// The staging folder is marked complete.
+    MarkedComplete,
+    /// The live folder was moved aside; the store's path is empty.
+    MovedAside,
+    /// The staged folder is in place; the old one still exists aside.
+    SwappedIn,
+}
+
+/// A restore that calls `hook` after each step and stops dead (as a crash
+/// would) when it returns `false`.
+#[doc(hidden)]
+pub fn restore_with_hook(
+    store: &Store,
+    path: &Path,
+    hook: &mut dyn FnMut(RestoreStep) -> bool,
+) -> Result<Store> {
+    let inner = &store.inner;
+    inner.check_open()?;
+    check_restore_path(path)?;
+    let flag = GlobalMutation::take(inner)?;
+    let info = verify_backup(path)?;
+    let crashed = || Error::InvalidOptions("restore stopped by its test hook".into());
+    if !hook(RestoreStep::Verified) {
+        return Err(crashed());
+    }
+    let dir = inner.dir.clone();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::InvalidPath {
+            path: dir.clone(),
+            reason: "the store folder has no name".into(),
+        })?;
+    let parent = parent_of(&dir);
+    let staging = create_temp_folder(&parent, &format!("{name}.restore-"))?;
+    let staged = (|| -> Result<()> {
+        for (i, f) in info.files.iter().enumerate() {
+            let src = path.join(&f.name);
+            let dst = staging.join(&f.name);
+            // The newest segment becomes the active one and is appended to:
+            // it must not share its inode with the backup.
+            if i + 1 == info.files.len() {
+                copy_synced(&src, &dst)?;
+            } else {
+                link_or_copy(&src, &dst)?;
+            }
+        }
+        sync_dir(&staging, None)
+    })();
+    if let Err(e) = staged {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if !hook(RestoreStep::Staged) {
+        return Err(crashed());
+    }
+    write_file_atomically(&staging, RESTORE_COMPLETE, b"complete\n")?;
+    if !hook(RestoreStep::MarkedComplete) {
+        return Err(crashed());
+    }
+    // From here on the live store is replaced: close it first.
+    let options = inner.options.clone();
+    let _ = store.close();
+    drop(flag);
+    // An empty folder with a unique name, which the rename replaces.
+    let aside = create_temp_folder(&parent, &format!("{name}.replaced-"))?;
+    fs::rename(&dir, &aside).context(|| format!("move {} aside", dir.display()))?;
+    sync_dir(&parent, None)?;
+    if !hook(RestoreStep::MovedAside) {
+        return Err(crashed());
+    }
+    rename_folder(&staging, &dir)?;
+    if !hook(RestoreStep::SwappedIn) {
+        return Err(crashed());
+    }
+    carry_over(&aside, &dir)?;
+    fs::remove_dir_all(&aside).context(|| format!("remove {}", aside.display()))?;
+    sync_dir(&parent, None)?;
+    Store::open(&dir, options)
+}
+
+/// Whether a file name belongs to the store itself (replaced by a swap).
+fn is_store_file(name: &str) -> bool {
+    SegmentId::parse_file_name(name).is_some()
+        || [
+            crate::log::LOCK_FILE,
+            crate::log::SYNC_FAILED_FILE,
+            crate::log::SPARE_FILE,
+            RESTORE_COMPLETE,
+        ]
+        .contains(&name)
+}
+
+/// Moves what is not the store's own (a backup folder kept inside the store
+/// folder, say) from the replaced folder into the new one, so a swap never
+/// deletes it.
+fn carry_over(old: &Path, new: &Path) -> Result<()> {
+    let mut moved = false;
+    for entry in fs::read_dir(old).context(|| format!("list {}", old.display()))? {
+        let entry = entry.context(|| format!("list {}", old.display()))?;
+        let name = entry.file_name();
+        if is_store_file(&name.to_string_lossy()) || new.join(&name).exists() {
+            continue;
+        }
+        fs::rename(entry.path(), new.join(&name))
+            .context(|| format!("keep {} across the swap", entry.path().display()))?;
+        moved = true;
+    }
+    if moved {
+        sync_dir(new, None)?;
+        sync_dir(old, None)?;
+    }
+    Ok(())
+}
+
+/// Finishes or undoes a folder swap (restore or snapshot load) that a crash
+/// interrupted, before the store at `dir` is opened: with the store's
+/// folder missing, a complete staged folder is moved in (or else the old
+/// folder moved back); with it present, leftovers are removed.
+pub(crate) fn settle_swaps(dir: &Path) -> Result<()> {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(());
+    };
+    let parent = parent_of(dir);
+    let Ok(entries) = fs::read_dir(&parent) else {
+        return Ok(());
+    };
+    let (mut staged, mut aside) = (Vec::new(), Vec::new());
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&format!("{name}.restore-")) {
+            staged.push(entry.path());
+        } else if n.starts_with(&format!("{name}.replaced-")) {
+            aside.push(entry.path());
+        }
+    }
+    if staged.is_empty() && aside.is_empty() {
+        return Ok(());
+    }
+    staged.sort();
+    aside.sort();
+    if !dir.exists() {
+        let complete = staged
+            .iter()
+            .rev()
+            .find(|s| s.join(RESTORE_COMPLETE).exists());
+        if let Some(s) = complete {
+            fs::rename(s, dir).context(|| format!("finish moving {} in", s.display()))?;
+        } else if let Some(a) = aside.last() {
+            fs::rename(a, dir).context(|| format!("move {} back", a.display()))?;
+        }
+        sync_dir(&parent, None)?;
+    }
+    for a in aside.iter().filter(|p| p.exists()) {
+        carry_over(a, dir)?;
+    }
+    for leftover in staged.iter().chain(aside.iter()).filter(|p| p.exists()) {
+        fs::remove_dir_all(leftover).context(|| format!("remove {}", leftover.display()))?;
+    }
+    let marker = dir.join(RESTORE_COMPLETE);
+    if marker.exists() {
+        fs::remove_file(&marker).context(|| format!("remove {}", marker.display()))?;
+        sync_dir(dir, None)?;
+    }
+    sync_dir(&parent, None)
+}
