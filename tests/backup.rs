@@ -246,7 +246,9 @@ fn a_backup_taken_while_writers_write_restores_exactly_its_change_number() {
         store.last_change_number() > info.change_number,
         "writes continued"
     );
-    let store = Arc::try_unwrap(store).ok().expect("sole owner");
+    let Ok(store) = Arc::try_unwrap(store) else {
+        panic!("the writers still hold the store")
+    };
     let restored = store.restore_from(&backup).unwrap();
     assert_eq!(contents(&restored), model);
     assert_eq!(restored.last_change_number(), info.change_number);
