@@ -425,15 +425,7 @@ pub fn restore_with_hook(
         return Err(crashed());
     }
     let dir = inner.dir.clone();
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::InvalidPath {
-            path: dir.clone(),
-            reason: "the store folder has no name".into(),
-        })?;
-    let parent = parent_of(&dir);
-    let staging = create_temp_folder(&parent, &format!("{name}.restore-"))?;
+    let staging = staging_folder(&dir)?;
     let staged = (|| -> Result<()> {
         for (i, f) in info.files.iter().enumerate() {
             let src = path.join(&f.name);
@@ -455,7 +447,7 @@ pub fn restore_with_hook(
     if !hook(RestoreStep::Staged) {
         return Err(crashed());
     }
-    write_file_atomically(&staging, RESTORE_COMPLETE, b"complete\n")?;
+    mark_complete(&staging)?;
     if !hook(RestoreStep::MarkedComplete) {
         return Err(crashed());
     }
@@ -463,21 +455,42 @@ pub fn restore_with_hook(
     let options = inner.options.clone();
     let _ = store.close();
     drop(flag);
+    if !swap_folders(&dir, &staging, hook)? {
+        return Err(crashed());
+    }
+    Store::open(&dir, options)
+}
+
+/// Replaces the folder `dir` with the complete staged folder `staging`:
+/// moves `dir` aside, moves `staging` in, keeps what in `dir` was not the
+/// store's own, and removes the old folder. A crash at any point is settled
+/// by the next open ([`settle_swaps`]). `hook` sees the steps (crash tests);
+/// returns `false` when the hook stopped it.
+pub(crate) fn swap_folders(
+    dir: &Path,
+    staging: &Path,
+    hook: &mut dyn FnMut(RestoreStep) -> bool,
+) -> Result<bool> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = parent_of(dir);
     // An empty folder with a unique name, which the rename replaces.
     let aside = create_temp_folder(&parent, &format!("{name}.replaced-"))?;
-    fs::rename(&dir, &aside).context(|| format!("move {} aside", dir.display()))?;
+    fs::rename(dir, &aside).context(|| format!("move {} aside", dir.display()))?;
     sync_dir(&parent, None)?;
     if !hook(RestoreStep::MovedAside) {
-        return Err(crashed());
+        return Ok(false);
     }
-    rename_folder(&staging, &dir)?;
+    rename_folder(staging, dir)?;
     if !hook(RestoreStep::SwappedIn) {
-        return Err(crashed());
+        return Ok(false);
     }
-    carry_over(&aside, &dir)?;
+    carry_over(&aside, dir)?;
     fs::remove_dir_all(&aside).context(|| format!("remove {}", aside.display()))?;
     sync_dir(&parent, None)?;
-    Store::open(&dir, options)
+    Ok(true)
 }
 
 /// Whether a file name belongs to the store itself (replaced by a swap).
@@ -512,6 +525,24 @@ fn carry_over(old: &Path, new: &Path) -> Result<()> {
         sync_dir(old, None)?;
     }
     Ok(())
+}
+
+/// A new, empty staging folder beside the store folder `dir`, named so that
+/// [`settle_swaps`] recognises it.
+pub(crate) fn staging_folder(dir: &Path) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::InvalidPath {
+            path: dir.to_path_buf(),
+            reason: "the store folder has no name".into(),
+        })?;
+    create_temp_folder(&parent_of(dir), &format!("{name}.restore-"))
+}
+
+/// Marks a staged folder complete: everything in it is in place and synced.
+pub(crate) fn mark_complete(staging: &Path) -> Result<()> {
+    write_file_atomically(staging, RESTORE_COMPLETE, b"complete\n")
 }
 
 /// Finishes or undoes a folder swap (restore or snapshot load) that a crash

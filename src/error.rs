@@ -173,6 +173,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A snapshot stream is malformed (bad magic or version, a lying
+    /// length, a bad checksum, truncation, a count that does not match).
+    /// Nothing was loaded; take a new snapshot.
+    #[error("snapshot stream is invalid: {reason}")]
+    InvalidSnapshot {
+        /// What check failed.
+        reason: String,
+    },
+
     /// [`Options`](crate::Options) hold an impossible combination; the text
     /// says which.
     #[error("invalid options: {0}")]

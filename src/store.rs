@@ -69,6 +69,16 @@ pub trait KvStore {
         options: &IterationOptions,
     ) -> Result<Box<dyn Iterator<Item = Result<KvPair>> + Send>>;
 
+    /// A point-in-time stream of the whole keyspace (DKV's `GetSnapshot`);
+    /// its format is in DESIGN.md. Writers are not held up while it is
+    /// read, and memory stays bounded by the writes made meanwhile.
+    fn get_snapshot(&self) -> Result<Box<dyn std::io::Read + Send>>;
+
+    /// Replaces the whole keyspace, and the change-number state, with a
+    /// stream made by `get_snapshot` (DKV's `PutSnapshot`). The stream is
+    /// verified completely first; a malformed one changes nothing.
+    fn put_snapshot(&self, reader: &mut dyn std::io::Read) -> Result<()>;
+
     /// Flushes and syncs everything written, releases the directory lock and
     /// reports any error. Later calls fail with [`Error::Closed`].
     fn close(&self) -> Result<()>;
@@ -124,7 +134,13 @@ struct Writer {
 
 /// What readers need: the index and a way to read every segment.
 pub(crate) struct State {
-    keydir: KeyDir,
+    pub(crate) keydir: KeyDir,
+    /// The change number of the newest published record.
+    pub(crate) published: u64,
+    /// Open snapshots: id → the versions they still need.
+    pub(crate) views: BTreeMap<u64, SnapshotView>,
+    /// Id of the next snapshot view.
+    pub(crate) next_view: u64,
     pub(crate) segments: BTreeMap<SegmentId, Arc<SegmentReader>>,
     /// Sparse index from change numbers to records.
     pub(crate) changes: ChangeIndex,
@@ -133,7 +149,35 @@ pub(crate) struct State {
     closed: bool,
 }
 
+/// What an open snapshot needs: the point it stands at, and the version
+/// at that point of every key changed since (kept until the view closes).
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotView {
+    /// The change number the snapshot stands at.
+    pub(crate) at: u64,
+    /// Key → its entry as of `at`, for keys overwritten or deleted since.
+    pub(crate) preserved: BTreeMap<Vec<u8>, KeyEntry>,
+}
+
 impl State {
+    /// Sets (or, with `None`, removes) the entry of `key`, first keeping
+    /// the version each open snapshot still needs.
+    pub(crate) fn set(&mut self, key: &[u8], entry: Option<KeyEntry>) {
+        let old = match entry {
+            Some(e) => self.keydir.insert(key, e),
+            None => self.keydir.remove(key),
+        };
+        if let Some(old) = old
+            && !self.views.is_empty()
+        {
+            for view in self.views.values_mut() {
+                if old.change_number <= view.at && !view.preserved.contains_key(key) {
+                    view.preserved.insert(key.to_vec(), old);
+                }
+            }
+        }
+    }
+
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed {
             Err(Error::Closed)
@@ -227,6 +271,72 @@ fn check_value(value: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A store's state rebuilt from its folder, ready to serve.
+struct Assembled {
+    active: ActiveSegment,
+    segments: BTreeMap<SegmentId, Arc<SegmentReader>>,
+    keydir: KeyDir,
+    changes: ChangeIndex,
+    applied: u64,
+    next_segment: SegmentId,
+    report: RecoveryReport,
+}
+
+/// Recovers the store in `dir` (whose lock the caller holds) and takes over
+/// its newest segment as the active one.
+fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
+    let faults = options.fault_injector.as_deref();
+    let recovered = recovery::recover(dir, options.recovery_mode, faults)?;
+    let next_segment = recovered
+        .highest_id
+        .map_or(Some(SegmentId(1)), SegmentId::next)
+        .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
+    let mut segments = BTreeMap::new();
+    let mut scanned = recovered.segments;
+    let active = match scanned.pop() {
+        Some(last) => {
+            let id = last.id;
+            let (path, base, end) = (last.path.clone(), last.base_position, last.end_offset);
+            drop(last);
+            ActiveSegment::reopen(
+                &path,
+                id,
+                base,
+                end,
+                options.segment_size,
+                options.preallocate,
+                faults,
+            )?
+        }
+        None => ActiveSegment::create(
+            dir,
+            next_segment,
+            0,
+            options.segment_size,
+            options.preallocate,
+            faults,
+        )?,
+    };
+    for s in scanned {
+        segments.insert(s.id, Arc::new(SegmentReader::Sealed(s.map)));
+    }
+    segments.insert(active.id, SegmentReader::active(&active));
+    // A segment adopted as active may come from a rollover that crashed
+    // before its folder was synced: make its directory entry durable before
+    // anything is acknowledged in it.
+    sync_dir(dir, faults)?;
+    let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
+    Ok(Assembled {
+        active,
+        segments,
+        keydir: recovered.keydir,
+        changes: recovered.changes,
+        applied: recovered.applied,
+        next_segment,
+        report: recovered.report,
+    })
+}
+
 impl Store {
     /// Opens the store in `dir`, creating the folder and an empty store if
     /// needed. Takes the directory lock, then rebuilds the index from the
@@ -252,47 +362,9 @@ impl Store {
             }
         }
         let lock = DirLock::acquire(&dir)?;
-        let recovered = recovery::recover(&dir, options.recovery_mode, faults)?;
-        let next_segment = recovered
-            .highest_id
-            .map_or(Some(SegmentId(1)), SegmentId::next)
-            .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
-        let mut segments = BTreeMap::new();
-        let mut scanned = recovered.segments;
-        let active = match scanned.pop() {
-            Some(last) => {
-                let id = last.id;
-                let (path, base, end) = (last.path.clone(), last.base_position, last.end_offset);
-                drop(last);
-                ActiveSegment::reopen(
-                    &path,
-                    id,
-                    base,
-                    end,
-                    options.segment_size,
-                    options.preallocate,
-                    faults,
-                )?
-            }
-            None => ActiveSegment::create(
-                &dir,
-                next_segment,
-                0,
-                options.segment_size,
-                options.preallocate,
-                faults,
-            )?,
-        };
-        for s in scanned {
-            segments.insert(s.id, Arc::new(SegmentReader::Sealed(s.map)));
-        }
-        segments.insert(active.id, SegmentReader::active(&active));
-        // A segment adopted as active may come from a rollover that crashed
-        // before its folder was synced: make its directory entry durable
-        // before anything is acknowledged in it.
-        sync_dir(&dir, faults)?;
-        let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
-        let commit = GroupCommit::new(Arc::clone(&active.file), active.position(), &dir);
+        let a = assemble(&dir, &options)?;
+        let commit = GroupCommit::new(Arc::clone(&a.active.file), a.active.position(), &dir);
+        let published = a.active.position();
         let (preallocate, segment_size, dir_for_spare) =
             (options.preallocate, options.segment_size, dir.clone());
         let inner = Arc::new(Inner {
@@ -301,25 +373,28 @@ impl Store {
             lock: Mutex::new(Some(lock)),
             queue: WriteQueue::default(),
             writer: Mutex::new(Writer {
-                active,
+                active: a.active,
                 buffer: Vec::new(),
-                next_segment,
+                next_segment: a.next_segment,
                 spare: preallocate.then(|| Spare::start(&dir_for_spare, segment_size)),
             }),
             state: RwLock::new(State {
-                keydir: recovered.keydir,
-                segments,
-                changes: recovered.changes,
+                published,
+                views: BTreeMap::new(),
+                next_view: 0,
+                keydir: a.keydir,
+                segments: a.segments,
+                changes: a.changes,
                 closed: false,
             }),
             commit,
-            applied: AtomicU64::new(recovered.applied),
+            applied: AtomicU64::new(a.applied),
             applier: Mutex::new(()),
             pins: Mutex::new(std::collections::BTreeMap::new()),
             sealed_crcs: Mutex::new(std::collections::HashMap::new()),
             global_mutation: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            report: recovered.report,
+            report: a.report,
             syncer: Mutex::new(None),
         });
         if let SyncMode::Interval(every) = inner.options.sync_mode {
@@ -470,6 +545,52 @@ impl Inner {
         Ok(())
     }
 
+    /// Replaces this store's contents, in place, with the complete, closed
+    /// store staged at `staging` (beside the store's folder, marked
+    /// complete): the folders are swapped crash-safely, the new contents
+    /// recovered, and the handle's state replaced while writers wait.
+    /// Failures from the swap on poison the writer (reopen settles it).
+    pub(crate) fn swap_in(&self, staging: &Path) -> Result<()> {
+        if let Some(s) = self.syncer.lock().take() {
+            s.stop();
+        }
+        let result = (|| -> Result<()> {
+            let mut w = self.writer.lock();
+            self.check_open()?;
+            if let Some(mut spare) = w.spare.take() {
+                spare.take();
+            }
+            crate::backup::swap_folders(&self.dir, staging, &mut |_| true)?;
+            let lock = DirLock::acquire(&self.dir)?;
+            let a = assemble(&self.dir, &self.options)?;
+            let position = a.active.position();
+            *self.lock.lock() = Some(lock);
+            self.commit.reset(Arc::clone(&a.active.file), position);
+            self.applied.store(a.applied, Ordering::Release);
+            self.sealed_crcs.lock().clear();
+            {
+                let mut state = self.state.write();
+                state.keydir = a.keydir;
+                state.segments = a.segments;
+                state.changes = a.changes;
+                state.published = position;
+                // Open snapshots of the old contents read nothing more.
+                state.views.clear();
+            }
+            w.active = a.active;
+            w.next_segment = a.next_segment;
+            w.buffer.clear();
+            if self.options.preallocate {
+                w.spare = Some(Spare::start(&self.dir, self.options.segment_size));
+            }
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            self.commit.poison(e.chain());
+        }
+        result
+    }
+
     /// Seals the active segment (if it holds records) so that everything
     /// written so far lies in immutable, synced segments. Writers wait for
     /// the writer lock meanwhile: a sync, a truncate and the rename of the
@@ -612,7 +733,7 @@ impl State {
     /// Reads and verifies the put operation at `pointer`, which must hold
     /// `key`; returns its value and expiry. `buf` holds bytes read from the
     /// active segment.
-    fn read_op<'a>(
+    pub(crate) fn read_op<'a>(
         &'a self,
         dir: &Path,
         key: &[u8],
@@ -801,6 +922,14 @@ impl KvStore for Store {
         options: &IterationOptions,
     ) -> Result<Box<dyn Iterator<Item = Result<KvPair>> + Send>> {
         Ok(Box::new(self.iter(options)?))
+    }
+
+    fn get_snapshot(&self) -> Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(self.snapshot()?))
+    }
+
+    fn put_snapshot(&self, reader: &mut dyn std::io::Read) -> Result<()> {
+        self.load_snapshot(reader).map(drop)
     }
 
     fn close(&self) -> Result<()> {

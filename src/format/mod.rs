@@ -5,6 +5,7 @@
 
 mod record;
 mod segment;
+pub mod snapshot;
 
 pub use record::{
     APPLIED_LEN, FLAG_APPLIED, OP_HEADER_LEN, Op, OpIter, OpKind, RECORD_HEADER_LEN, Record,

@@ -400,6 +400,16 @@ impl GroupCommit {
         self.inner.lock().poisoned.clone()
     }
 
+    /// Starts over on `file` with everything up to `position` written and
+    /// durable, clearing a poison (the store's contents were replaced).
+    pub(crate) fn reset(&self, file: Arc<File>, position: u64) {
+        let mut g = self.inner.lock();
+        g.file = file;
+        g.poisoned = None;
+        self.written.store(position, Ordering::Release);
+        self.durable.store(position, Ordering::Release);
+    }
+
     /// Marks the writer as poisoned by `cause`.
     pub(crate) fn poison(&self, cause: String) {
         let mut g = self.inner.lock();

@@ -164,7 +164,7 @@ impl Drop for LeaderGuard<'_> {
 impl Inner {
     /// Queues `op` and returns its outcome once a leader (possibly this
     /// thread) has appended it, synced it if required, and published it.
-    pub(super) fn submit(&self, op: WriteOp) -> Outcome {
+    pub(crate) fn submit(&self, op: WriteOp) -> Outcome {
         self.submit_all(vec![op])
             .pop()
             .unwrap_or_else(|| Err(self.abandoned()))
@@ -421,22 +421,18 @@ impl Inner {
                 self.applied.fetch_max(applied, Ordering::AcqRel);
             }
             for m in &op.ops {
-                let key = m.key(bytes);
-                if m.delete {
-                    state.keydir.remove(key);
-                } else {
-                    let entry = KeyEntry {
-                        pointer: RecordPointer {
-                            segment: a.segment,
-                            offset: (a.file_offset + u64::from(m.offset)) as u32,
-                            len: m.len,
-                        },
-                        expire_ts: m.expire_ts,
-                        change_number: a.change_number,
-                    };
-                    state.keydir.insert(key, entry);
-                }
+                let entry = (!m.delete).then_some(KeyEntry {
+                    pointer: RecordPointer {
+                        segment: a.segment,
+                        offset: (a.file_offset + u64::from(m.offset)) as u32,
+                        len: m.len,
+                    },
+                    expire_ts: m.expire_ts,
+                    change_number: a.change_number,
+                });
+                state.set(m.key(bytes), entry);
             }
+            state.published = state.published.max(a.change_number);
         }
     }
 
