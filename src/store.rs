@@ -476,7 +476,7 @@ impl Inner {
 
     /// Seals the active segment and starts the next one. Any failure poisons
     /// the writer: the on-disk state is then only trusted after reopen.
-    fn rollover(&self, w: &mut Writer) -> Result<()> {
+    fn rollover(&self, w: &mut Writer, on_demand: bool) -> Result<()> {
         match w.active.seal(self.faults()) {
             Ok(Some(crc)) => {
                 self.sealed_crcs
@@ -495,8 +495,11 @@ impl Inner {
             let after = next
                 .next()
                 .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
+            // A seal on demand (a backup) does not wait for a spare still
+            // being zero-filled: it starts an unpreallocated segment.
+            let use_spare = !on_demand || w.spare.as_ref().is_some_and(Spare::is_ready);
             let new = match &mut w.spare {
-                Some(spare) => ActiveSegment::create_from_spare(
+                Some(spare) if use_spare => ActiveSegment::create_from_spare(
                     &self.dir,
                     next,
                     end,
@@ -504,7 +507,7 @@ impl Inner {
                     spare,
                     self.faults(),
                 )?,
-                None => ActiveSegment::create(
+                _ => ActiveSegment::create(
                     &self.dir,
                     next,
                     end,
@@ -513,7 +516,7 @@ impl Inner {
                     self.faults(),
                 )?,
             };
-            if self.options.preallocate {
+            if self.options.preallocate && (use_spare || w.spare.is_none()) {
                 w.spare = Some(Spare::start(&self.dir, self.options.segment_size));
             }
             let sealed = SealedSegment::open(&w.active.path)?;
@@ -603,7 +606,7 @@ impl Inner {
             return Err(Error::Poisoned { cause });
         }
         if !w.active.is_empty() {
-            self.rollover(&mut w)?;
+            self.rollover(&mut w, true)?;
         }
         let end = w.active.base_position;
         let state = self.state.read();

@@ -126,3 +126,58 @@ fn follow_copies_a_master_into_a_slave_until_caught_up() {
     );
     assert!(again.contains("applied 0 changes"), "{again}");
 }
+
+#[test]
+fn backup_verify_restore_and_snapshot_commands_round_trip_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let run = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_dkv-cask"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    stdout(&dkv(&db, &["put", "kept", "1"]));
+    let backup = dir.path().join("backup");
+    let out = stdout(&run(&[&os("backup"), db.as_os_str(), backup.as_os_str()]));
+    assert!(out.contains("backed up"), "{out}");
+    let out = stdout(&run(&[&os("verify-backup"), backup.as_os_str()]));
+    assert!(out.contains("is intact"), "{out}");
+    stdout(&dkv(&db, &["put", "later", "2"]));
+    let out = stdout(&run(&[&os("restore"), backup.as_os_str(), db.as_os_str()]));
+    assert!(out.contains("restored"), "{out}");
+    assert_eq!(dkv(&db, &["get", "later"]).status.code(), Some(3));
+    assert_eq!(stdout(&dkv(&db, &["get", "kept"])), "1\n");
+    // A damaged backup fails verification with exit code 1.
+    let seg = std::fs::read_dir(&backup)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    let bytes = std::fs::read(&seg).unwrap();
+    std::fs::remove_file(&seg).unwrap();
+    std::fs::write(&seg, &bytes[..bytes.len() - 1]).unwrap();
+    let o = run(&[&os("verify-backup"), backup.as_os_str()]);
+    assert_eq!(o.status.code(), Some(1));
+
+    let snap = dir.path().join("snap.bin");
+    let out = stdout(&run(&[
+        &os("snapshot"),
+        &os("export"),
+        db.as_os_str(),
+        snap.as_os_str(),
+    ]));
+    assert!(out.contains("exported"), "{out}");
+    let other = dir.path().join("other");
+    stdout(&dkv(&other, &["put", "gone", "x"]));
+    let out = stdout(&run(&[
+        &os("snapshot"),
+        &os("import"),
+        snap.as_os_str(),
+        other.as_os_str(),
+    ]));
+    assert!(out.contains("imported"), "{out}");
+    assert_eq!(stdout(&dkv(&other, &["get", "kept"])), "1\n");
+    assert_eq!(dkv(&other, &["get", "gone"]).status.code(), Some(3));
+}

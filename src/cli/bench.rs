@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use dkv_cask::serverpb::KvPair;
 use dkv_cask::{
-    ChangeApplier, ChangePropagator, IterationOptions, KvStore, Options, Store, SyncMode,
+    Backupable, ChangeApplier, ChangePropagator, IterationOptions, KvStore, Options, Store,
+    SyncMode,
 };
 
 /// Flags of `dkv-cask bench`; every one has a default.
@@ -34,6 +35,10 @@ pub struct BenchArgs {
     /// Number of 100-key prefix scans.
     #[arg(long, default_value_t = 10_000)]
     scans: u64,
+    /// MiB of data (4 KiB values) for the backup and snapshot rows; 0 skips
+    /// them.
+    #[arg(long, default_value_t = 1024)]
+    backup_mib: u64,
     /// Folder in which the temporary stores are made (default: the system
     /// temp folder). Use a folder on the disk you want to measure.
     #[arg(long)]
@@ -254,6 +259,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(store) = Arc::try_unwrap(durable) {
         store.close()?;
     }
+    if args.backup_mib > 0 {
+        backup_rows(tmp.path(), args.backup_mib, &mut rows)?;
+    }
     eprintln!();
     print_table(args, &parent, n, index_bytes, &rows);
     Ok(())
@@ -295,6 +303,136 @@ fn replicate_row(master: &Store, dir: &Path, n: u64) -> Result<Row, Box<dyn std:
         reference: None,
         note: "per-change latency".into(),
     })
+}
+
+/// A row measured in MB/s: `bytes` moved in `elapsed`.
+fn throughput_row(name: &str, bytes: u64, elapsed: Duration, note: String) -> Row {
+    Row {
+        name: name.into(),
+        ops: bytes / 1_000_000,
+        elapsed,
+        latencies: Vec::new(),
+        reference: None,
+        note,
+    }
+}
+
+/// Fills a store with `mib` MiB of 4 KiB values, then times a backup beside
+/// a plain copy of the same files, and a snapshot export and import beside
+/// the disk's raw sequential write rate. These rows' rates are in MB/s.
+fn backup_rows(
+    tmp: &Path,
+    mib: u64,
+    rows: &mut Vec<Row>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    progress(&format!("filling a {mib} MiB store for the backup rows"));
+    let options = Options {
+        sync_mode: SyncMode::Never,
+        ..Options::default()
+    };
+    let store = Store::open(tmp.join("big"), options.clone())?;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let value: Vec<u8> = (0..4096 + 4096).map(|_| rng.next() as u8).collect();
+    let pairs = mib * 256;
+    for chunk in 0..pairs.div_ceil(64) {
+        let batch: Vec<KvPair> = (chunk * 64..((chunk + 1) * 64).min(pairs))
+            .map(|i| KvPair {
+                key: key(i).to_vec(),
+                value: value[(i % 4096) as usize..(i % 4096) as usize + 4096].to_vec(),
+                expire_ts: 0,
+            })
+            .collect();
+        store.put(&batch)?;
+    }
+    store.sync()?;
+
+    progress("backup (hard links)");
+    let info = store.backup_to(&tmp.join("backup"))?;
+    let bytes = info.bytes();
+    progress("copy of the same files");
+    let copy_dir = tmp.join("copy");
+    std::fs::create_dir(&copy_dir)?;
+    let started = Instant::now();
+    for f in &info.files {
+        std::fs::copy(tmp.join("big").join(&f.name), copy_dir.join(&f.name))?;
+        std::fs::File::open(copy_dir.join(&f.name))?.sync_all()?;
+    }
+    let copy = started.elapsed();
+    std::fs::remove_dir_all(&copy_dir)?;
+    let mut row = throughput_row(
+        "backup, hard links (MB/s)",
+        bytes,
+        info.duration,
+        format!(
+            "{} MiB in {:.1} ms",
+            bytes >> 20,
+            info.duration.as_secs_f64() * 1e3
+        ),
+    );
+    row.reference = Some((
+        "copy of the same files".into(),
+        bytes as f64 / 1e6 / copy.as_secs_f64(),
+    ));
+    rows.push(row);
+
+    progress("raw sequential write");
+    let raw = raw_sequential_rate(tmp, bytes)?;
+    progress("snapshot export");
+    let snap = tmp.join("snapshot.bin");
+    let started = Instant::now();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&snap)?);
+    let stream_bytes = std::io::copy(&mut store.snapshot()?, &mut out)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let mut row = throughput_row(
+        "snapshot export (MB/s)",
+        stream_bytes,
+        started.elapsed(),
+        format!("{} MiB stream", stream_bytes >> 20),
+    );
+    row.reference = Some(("raw sequential write".into(), raw));
+    rows.push(row);
+    store.close()?;
+
+    progress("snapshot import");
+    let target = Store::open(tmp.join("imported"), options)?;
+    let started = Instant::now();
+    let mut input = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&snap)?);
+    target.load_snapshot(&mut input)?;
+    target.sync()?;
+    let mut row = throughput_row(
+        "snapshot import (MB/s)",
+        stream_bytes,
+        started.elapsed(),
+        String::new(),
+    );
+    row.reference = Some(("raw sequential write".into(), raw));
+    rows.push(row);
+    target.close()?;
+    std::fs::remove_file(&snap)?;
+    Ok(())
+}
+
+/// The disk's rate of writing `bytes` sequentially in 1 MiB writes, then
+/// syncing, in MB/s.
+fn raw_sequential_rate(dir: &Path, bytes: u64) -> std::io::Result<f64> {
+    let path = dir.join("raw-sequential");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let block = vec![0x5Au8; 1 << 20];
+    let started = Instant::now();
+    let mut at = 0;
+    while at < bytes {
+        file.write_all_at(&block, at)?;
+        at += block.len() as u64;
+    }
+    file.sync_all()?;
+    let rate = at as f64 / 1e6 / started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
 }
 
 /// Puts new keys from `writers` threads under `SyncMode::Always` for `time`.

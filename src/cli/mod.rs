@@ -94,6 +94,29 @@ enum Command {
         #[arg(long)]
         text: bool,
     },
+    /// Back a store up into a folder (hard links of sealed segments plus a
+    /// manifest).
+    Backup {
+        /// The store folder.
+        db: PathBuf,
+        /// The backup folder (created if missing; its parent must exist).
+        dir: PathBuf,
+    },
+    /// Restore a backup folder into a store folder (verified first).
+    Restore {
+        /// The backup folder.
+        dir: PathBuf,
+        /// The store folder to replace.
+        db: PathBuf,
+    },
+    /// Check a backup's manifest, file sizes and checksums.
+    VerifyBackup {
+        /// The backup folder.
+        dir: PathBuf,
+    },
+    /// Export or import a whole-keyspace snapshot stream.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Copy changes from a master store to a slave store until caught up.
     Follow {
         /// The master's store folder.
@@ -104,6 +127,92 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         batch: usize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Write a point-in-time snapshot of a store to a file.
+    Export {
+        /// The store folder.
+        db: PathBuf,
+        /// The snapshot file to write.
+        file: PathBuf,
+    },
+    /// Replace a store's keyspace with a snapshot file (verified first).
+    Import {
+        /// The snapshot file to read.
+        file: PathBuf,
+        /// The store folder.
+        db: PathBuf,
+    },
+}
+
+/// A progress line on stderr, drawn only on a terminal and at most ten
+/// times a second.
+struct Progress {
+    label: &'static str,
+    total: u64,
+    done: u64,
+    shown: std::time::Instant,
+    on: bool,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: u64) -> Self {
+        Progress {
+            label,
+            total,
+            done: 0,
+            shown: std::time::Instant::now(),
+            on: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.on && self.shown.elapsed().as_millis() >= 100 {
+            self.shown = std::time::Instant::now();
+            let pct = if self.total > 0 {
+                self.done * 100 / self.total
+            } else {
+                0
+            };
+            eprint!(
+                "\r\x1b[2K{}: {:.1} MiB{}",
+                self.label,
+                self.done as f64 / 1048576.0,
+                if self.total > 0 {
+                    format!(" ({pct}%)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if self.on {
+            eprintln!(
+                "\r\x1b[2K{}: {:.1} MiB done",
+                self.label,
+                self.done as f64 / 1048576.0
+            );
+        }
+    }
+}
+
+/// A reader or writer that reports the bytes passing through it.
+struct Counted<'a, T> {
+    inner: T,
+    progress: &'a mut Progress,
+}
+
+impl<T: std::io::Read> std::io::Read for Counted<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.add(n as u64);
+        Ok(n)
+    }
 }
 
 /// Runs the tool and maps errors to exit codes.
@@ -246,6 +355,90 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 writeln!(out, "{}", json::change(&change, text))?;
             }
             store.close()?;
+        }
+        Command::Backup { db, dir } => {
+            let store = open(&db)?;
+            let info = dkv_cask::Backupable::backup_to(&store, &dir)?;
+            store.close()?;
+            writeln!(
+                out,
+                "backed up to {} at change number {}: {} files, {:.1} MiB ({} hard-linked) in {:?}",
+                dir.display(),
+                info.change_number,
+                info.files.len(),
+                info.bytes() as f64 / 1048576.0,
+                info.linked,
+                info.duration
+            )?;
+        }
+        Command::Restore { dir, db } => {
+            let mut progress = Progress::new("verify", 0);
+            let info = dkv_cask::verify_backup(&dir)?;
+            progress.add(info.bytes());
+            progress.finish();
+            let store = open(&db)?;
+            let restored = dkv_cask::Backupable::restore_from(&store, &dir)?;
+            writeln!(
+                out,
+                "restored {} into {} at change number {}",
+                dir.display(),
+                db.display(),
+                restored.last_change_number()
+            )?;
+            restored.close()?;
+        }
+        Command::VerifyBackup { dir } => {
+            let info = dkv_cask::verify_backup(&dir)?;
+            writeln!(
+                out,
+                "backup {} is intact: change number {}, {} files, {:.1} MiB",
+                dir.display(),
+                info.change_number,
+                info.files.len(),
+                info.bytes() as f64 / 1048576.0
+            )?;
+        }
+        Command::Snapshot(SnapshotCommand::Export { db, file }) => {
+            let store = open(&db)?;
+            let mut reader = store.snapshot()?;
+            let at = reader.change_number();
+            let mut progress = Progress::new("export", 0);
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&file)?);
+            let bytes = std::io::copy(
+                &mut Counted {
+                    inner: &mut reader,
+                    progress: &mut progress,
+                },
+                &mut f,
+            )?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            progress.finish();
+            drop(reader);
+            store.close()?;
+            writeln!(
+                out,
+                "exported {} bytes at change number {at} to {}",
+                bytes,
+                file.display()
+            )?;
+        }
+        Command::Snapshot(SnapshotCommand::Import { file, db }) => {
+            let f = std::fs::File::open(&file)?;
+            let total = f.metadata()?.len();
+            let mut progress = Progress::new("import", total);
+            let store = open(&db)?;
+            let at = store.load_snapshot(&mut Counted {
+                inner: std::io::BufReader::new(f),
+                progress: &mut progress,
+            })?;
+            progress.finish();
+            store.close()?;
+            writeln!(
+                out,
+                "imported {} at change number {at} into {}",
+                file.display(),
+                db.display()
+            )?;
         }
         Command::Follow {
             master,

@@ -62,6 +62,11 @@ impl Spare {
         Spare { job }
     }
 
+    /// Whether the spare is prepared (or failed): taking it will not wait.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.job.as_ref().is_none_or(|j| j.is_finished())
+    }
+
     /// Waits for the spare; `None` if preparing it failed (the caller then
     /// creates the segment itself). Called at close too, so that no
     /// background write outlives the handle.

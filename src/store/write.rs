@@ -346,7 +346,7 @@ impl Inner {
                 // empty one, which then exceeds the segment size.
                 if !w.active.fits(len)
                     && !w.active.is_empty()
-                    && let Err(e) = self.rollover(w)
+                    && let Err(e) = self.rollover(w, false)
                 {
                     outcomes.push(Err(e));
                     continue;
