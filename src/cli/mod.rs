@@ -172,20 +172,14 @@ impl Progress {
         self.done += n;
         if self.on && self.shown.elapsed().as_millis() >= 100 {
             self.shown = std::time::Instant::now();
-            let pct = if self.total > 0 {
-                self.done * 100 / self.total
-            } else {
-                0
-            };
+            let pct = (self.done * 100)
+                .checked_div(self.total)
+                .map(|p| format!(" ({p}%)"))
+                .unwrap_or_default();
             eprint!(
-                "\r\x1b[2K{}: {:.1} MiB{}",
+                "\r\x1b[2K{}: {:.1} MiB{pct}",
                 self.label,
-                self.done as f64 / 1048576.0,
-                if self.total > 0 {
-                    format!(" ({pct}%)")
-                } else {
-                    String::new()
-                }
+                self.done as f64 / 1048576.0
             );
         }
     }
