@@ -476,3 +476,39 @@ fn an_empty_store_backs_up_and_restores_to_an_empty_store() {
     assert!(all_pairs(&restored).is_empty());
     restored.put(&[pair("k", "v")]).unwrap();
 }
+
+/// Port of RocksDB's TestPreventParallelRestores (RT:767-801): five
+/// restores at once on one handle; at most one succeeds, the others are
+/// refused (busy, or the handle was already closed by the winner).
+#[test]
+fn of_five_concurrent_restores_at_most_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path().join("db"), options()).unwrap());
+    put_keys(&store, "k", 500);
+    let backup = dir.path().join("backup");
+    store.backup_to(&backup).unwrap();
+    let barrier = Arc::new(Barrier::new(5));
+    let handles: Vec<_> = (0..5)
+        .map(|_| {
+            let (store, barrier, backup) =
+                (Arc::clone(&store), Arc::clone(&barrier), backup.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                store.restore_from(&backup).map(|s| {
+                    s.close().unwrap();
+                })
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert!(ok <= 1, "{results:?}");
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(e, Error::GlobalMutationInProgress | Error::Closed),
+            "{e}"
+        );
+    }
+    let reopened = Store::open(dir.path().join("db"), options()).unwrap();
+    assert!(has_keys(&reopened, "k", 500));
+}
