@@ -35,20 +35,6 @@ fn clocked_store() -> (TempStore, ClockHandle) {
     (store, time)
 }
 
-fn cas(
-    key: impl AsRef<[u8]>,
-    old_value: impl AsRef<[u8]>,
-    new_value: impl AsRef<[u8]>,
-    expire_ts: u64,
-) -> CompareAndSetRequest {
-    CompareAndSetRequest {
-        key: key.as_ref().to_vec(),
-        old_value: old_value.as_ref().to_vec(),
-        new_value: new_value.as_ref().to_vec(),
-        expire_ts,
-    }
-}
-
 /// Keys yielded by iterating with `options`, every item required to be Ok.
 fn keys_of(store: &Store, options: &IterationOptions) -> Vec<Vec<u8>> {
     store

@@ -27,20 +27,6 @@ fn always_options() -> Options {
     }
 }
 
-fn cas(
-    key: impl AsRef<[u8]>,
-    old_value: impl AsRef<[u8]>,
-    new_value: impl AsRef<[u8]>,
-    expire_ts: u64,
-) -> CompareAndSetRequest {
-    CompareAndSetRequest {
-        key: key.as_ref().to_vec(),
-        old_value: old_value.as_ref().to_vec(),
-        new_value: new_value.as_ref().to_vec(),
-        expire_ts,
-    }
-}
-
 fn counter_value(bytes: &[u8]) -> i64 {
     i64::from_le_bytes(bytes.try_into().expect("an 8-byte counter"))
 }

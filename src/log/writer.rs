@@ -48,13 +48,7 @@ impl Spare {
                     .create(true)
                     .truncate(true)
                     .open(&path)?;
-                let zeros = vec![0u8; ZERO_CHUNK];
-                let mut at = 0;
-                while at < capacity {
-                    let n = (capacity - at).min(ZERO_CHUNK as u64) as usize;
-                    file.write_all_at(&zeros[..n], at)?;
-                    at += n as u64;
-                }
+                write_zeros(&file, 0, capacity)?;
                 file.sync_all()?;
                 Ok(file)
             })
@@ -256,21 +250,14 @@ impl ActiveSegment {
     /// Writes zeros from the current length up to the capacity, so later
     /// appends overwrite allocated blocks and do not grow the file.
     fn zero_fill(&self, faults: Option<&FaultInjector>) -> Result<()> {
-        let zeros = vec![0u8; ZERO_CHUNK];
         let len = self
             .file
             .metadata()
             .context(|| format!("stat segment {}", self.path.display()))?
             .len();
-        let mut at = len.max(self.offset);
-        while at < self.capacity {
-            let n = (self.capacity - at).min(ZERO_CHUNK as u64) as usize;
-            check(faults, IoPoint::Append)
-                .and_then(|()| self.file.write_all_at(&zeros[..n], at))
-                .context(|| format!("preallocate segment {}", self.path.display()))?;
-            at += n as u64;
-        }
-        Ok(())
+        check(faults, IoPoint::Append)
+            .and_then(|()| write_zeros(&self.file, len.max(self.offset), self.capacity))
+            .context(|| format!("preallocate segment {}", self.path.display()))
     }
 
     /// Logical position at which the next record starts.
@@ -313,6 +300,18 @@ impl ActiveSegment {
         truncate_synced(&self.file, &self.path, self.offset, faults)?;
         Ok(self.crc.clone().map(crc32fast::Hasher::finalize))
     }
+}
+
+/// Writes zeros into `file` from offset `from` up to `to`, a chunk at a time.
+fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZERO_CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn hasher_with(bytes: &[u8]) -> crc32fast::Hasher {

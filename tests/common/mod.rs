@@ -63,6 +63,21 @@ pub fn value_of(store: &impl KvStore, key: impl AsRef<[u8]>) -> Option<Vec<u8>> 
     found.pop().map(|p| p.value)
 }
 
+/// A compare-and-set request.
+pub fn cas(
+    key: impl AsRef<[u8]>,
+    old_value: impl AsRef<[u8]>,
+    new_value: impl AsRef<[u8]>,
+    expire_ts: u64,
+) -> dkv_cask::serverpb::CompareAndSetRequest {
+    dkv_cask::serverpb::CompareAndSetRequest {
+        key: key.as_ref().to_vec(),
+        old_value: old_value.as_ref().to_vec(),
+        new_value: new_value.as_ref().to_vec(),
+        expire_ts,
+    }
+}
+
 /// Now in Unix seconds.
 pub fn now() -> u64 {
     std::time::SystemTime::now()
