@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use common::disk::{locate, segment_files};
 use common::*;
 use dkv_cask::format::{OP_HEADER_LEN, RECORD_HEADER_LEN};
-use dkv_cask::serverpb::{CompareAndSetRequest, KvPair};
+use dkv_cask::serverpb::KvPair;
 use dkv_cask::{
     Error, IterationOptions, KvStore, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SEGMENT_HEADER_BYTES,
     Store,

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::disk::scratch_dir;
 use common::*;
-use dkv_cask::serverpb::CompareAndSetRequest;
 use dkv_cask::{Error, IterationOptions, KvStore, Options, Store, SyncMode};
 
 fn always_options() -> Options {

@@ -250,6 +250,10 @@ fn a_failed_background_sync_poisons_the_writer_and_the_next_write_reports_it() {
         assert!(Instant::now() < deadline, "the background sync never ran");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // The failed sync may still be recording itself; a sync waits for it
+    // (and never runs a second fsync after a failed one).
+    let sync = store.sync();
+    assert!(sync.is_err(), "a sync after the failed one gave {sync:?}");
     let put = store.put(&[pair("refused", "r")]);
     assert!(
         matches!(put, Err(Error::Poisoned { .. })),

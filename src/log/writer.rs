@@ -427,8 +427,8 @@ impl GroupCommit {
     /// and take them for durable. The last durable position is recorded
     /// (best effort) so that the next open cuts everything after it.
     pub(crate) fn sync_failed(&self, cause: String) {
-        self.marker.record(self.durable());
         self.poison(cause);
+        self.marker.record(self.durable());
     }
 
     /// Returns once everything up to `target` is durable, syncing if no
@@ -474,8 +474,13 @@ impl GroupCommit {
                 }
                 Err(e) => {
                     let err = Error::io("sync the active segment", e);
+                    // Poison before anyone can see `syncing` cleared: a
+                    // second fsync would "succeed" (Linux reports a
+                    // writeback error once) and bless lost data.
+                    g.poisoned.get_or_insert_with(|| err.chain());
+                    self.done.notify_all();
                     drop(g);
-                    self.sync_failed(err.chain());
+                    self.marker.record(self.durable());
                     return Err(err);
                 }
             }
