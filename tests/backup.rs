@@ -512,3 +512,34 @@ fn of_five_concurrent_restores_at_most_one_succeeds() {
     let reopened = Store::open(dir.path().join("db"), options()).unwrap();
     assert!(has_keys(&reopened, "k", 500));
 }
+
+/// Where a hard link is impossible (another file system), the backup copies.
+#[test]
+fn a_backup_on_another_file_system_is_copied_and_restores() {
+    let shm = Path::new("/dev/shm");
+    let disk = tempfile::tempdir().unwrap();
+    let same_fs =
+        fs::metadata(shm).map(|m| m.dev()).ok() == Some(fs::metadata(disk.path()).unwrap().dev());
+    if !shm.is_dir() || same_fs {
+        eprintln!("no second file system here; skipping the copy path");
+        return;
+    }
+    let other = tempfile::tempdir_in(shm).unwrap();
+    let store = Store::open(
+        disk.path().join("db"),
+        Options {
+            segment_size: 8 << 10,
+            ..options()
+        },
+    )
+    .unwrap();
+    put_keys(&store, "x", 300);
+    let backup = other.path().join("backup");
+    let info = store.backup_to(&backup).unwrap();
+    assert_eq!(info.linked, 0, "nothing can be linked across file systems");
+    assert!(info.files.len() > 1);
+    verify_backup(&backup).unwrap();
+    put_keys(&store, "y", 10);
+    let restored = store.restore_from(&backup).unwrap();
+    assert!(has_keys(&restored, "x", 300) && no_keys(&restored, "y", 10));
+}
