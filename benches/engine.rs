@@ -102,5 +102,55 @@ fn durable(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, engine, durable);
+/// The cost of metrics: the same get and put on two equal stores, one with
+/// DKV's `Stat` and the store collector registered, one without.
+fn metrics_cost(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics");
+    for with_metrics in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = prometheus::Registry::new();
+        let store = Store::open(
+            dir.path(),
+            Options {
+                sync_mode: SyncMode::Never,
+                segment_size: 8 << 20,
+                metrics: with_metrics.then(|| dkv_cask::MetricsOptions::new(registry.clone())),
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
+            let batch: Vec<KvPair> = chunk.iter().map(|&i| pair(i)).collect();
+            store.put(&batch).unwrap();
+        }
+        let label = if with_metrics { "on" } else { "off" };
+        let mut r = 0x2545_F491u64;
+        group.bench_function(format!("random get, metrics {label}"), |b| {
+            b.iter(|| {
+                r ^= r << 13;
+                r ^= r >> 7;
+                r ^= r << 17;
+                let k = key(r % KEYS);
+                black_box(store.get(&[&k]).unwrap())
+            })
+        });
+        let mut i = 0u64;
+        group.bench_function(
+            format!("put 100 B (SyncMode::Never), metrics {label}"),
+            |b| {
+                b.iter_batched(
+                    || {
+                        i += 1;
+                        pair(KEYS + i)
+                    },
+                    |p| store.put(std::slice::from_ref(&p)).unwrap(),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engine, durable, metrics_cost);
 criterion_main!(benches);

@@ -33,6 +33,7 @@ mod helpers;
 mod iter;
 mod keydir;
 mod log;
+mod metrics;
 mod options;
 mod recovery;
 mod replication;
@@ -63,6 +64,7 @@ pub use log::{
     FaultInjector, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SPARE_FILE, SYNC_FAILED_FILE,
     SegmentId,
 };
+pub use metrics::{MetricsOptions, OBJECTIVES, Op, Stat, WindowedSummary};
 pub use options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, RecoveryMode, Retention, SyncMode};
 pub use recovery::{DamagedRange, RecoveryReport, TruncatedTail};
 pub use replication::{

@@ -162,6 +162,9 @@ pub struct Options {
     pub clock: Clock,
     /// Log kept for replication followers. Default: see [`Retention`].
     pub retention: Retention,
+    /// Prometheus metrics (DKV's `Stat` and the store's gauges), registered
+    /// into the given registry. Default: `None` (no metrics).
+    pub metrics: Option<crate::metrics::MetricsOptions>,
     /// Test hook: fails chosen I/O calls of the writer. Default: `None`.
     pub fault_injector: Option<Arc<FaultInjector>>,
 }
@@ -176,6 +179,7 @@ impl Default for Options {
             max_batch_bytes: 32 << 20,
             clock: Clock::System,
             retention: Retention::default(),
+            metrics: None,
             fault_injector: None,
         }
     }

@@ -267,6 +267,14 @@ impl ChangePropagator for Store {
     }
 
     fn load_changes(&self, from: u64, max: usize) -> Result<Vec<ChangeRecord>> {
+        self.inner.measured(crate::metrics::Op::LoadChanges, || {
+            self.load_changes_unmeasured(from, max)
+        })
+    }
+}
+
+impl Store {
+    fn load_changes_unmeasured(&self, from: u64, max: usize) -> Result<Vec<ChangeRecord>> {
         self.inner.check_open()?;
         let durable = self.inner.commit.durable();
         if max == 0 || from > durable {
@@ -353,6 +361,18 @@ impl ChangeApplier for Store {
     }
 
     fn save_changes(&self, changes: &[ChangeRecord]) -> (u64, Result<()>) {
+        let mut applied = 0;
+        let result = self.inner.measured(crate::metrics::Op::SaveChanges, || {
+            let (reached, result) = self.save_changes_unmeasured(changes);
+            applied = reached;
+            result
+        });
+        (applied, result)
+    }
+}
+
+impl Store {
+    fn save_changes_unmeasured(&self, changes: &[ChangeRecord]) -> (u64, Result<()>) {
         let _one_applier = self.inner.applier.lock();
         let mut applied = self.inner.applied.load(Ordering::Acquire);
         if let Err(e) = self.inner.check_open() {

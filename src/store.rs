@@ -33,6 +33,7 @@ use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
     ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId, Spare, sync_dir,
 };
+use crate::metrics::Op;
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
 use crate::replication::ChangeIndex;
@@ -114,8 +115,18 @@ pub(crate) struct Inner {
     pub(crate) sealed_crcs: Mutex<std::collections::HashMap<SegmentId, (u64, u32)>>,
     /// Set while a backup, restore or snapshot load runs.
     pub(crate) global_mutation: AtomicBool,
+    /// Latency and errors per operation, when metrics are on.
+    pub(crate) stat: std::sync::OnceLock<Arc<crate::metrics::Stat>>,
+    /// The registered collectors, taken out by `close`.
+    metrics: Mutex<Option<crate::metrics::StoreMetrics>>,
+    /// Records appended since open.
+    pub(crate) records_written: AtomicU64,
+    /// Value bytes read by gets and scans since open.
+    pub(crate) read_bytes: AtomicU64,
+    /// The log position at open.
+    pub(crate) opened_at: u64,
     closed: AtomicBool,
-    report: RecoveryReport,
+    pub(crate) report: RecoveryReport,
     /// The interval syncer, when `SyncMode::Interval`.
     syncer: Mutex<Option<Syncer>>,
 }
@@ -135,6 +146,8 @@ struct Writer {
 /// What readers need: the index and a way to read every segment.
 pub(crate) struct State {
     pub(crate) keydir: KeyDir,
+    /// Bytes of log holding the live keys' operations.
+    pub(crate) live_bytes: u64,
     /// The change number of the newest published record.
     pub(crate) published: u64,
     /// Open snapshots: id → the versions they still need.
@@ -164,9 +177,15 @@ impl State {
     /// the version each open snapshot still needs.
     pub(crate) fn set(&mut self, key: &[u8], entry: Option<KeyEntry>) {
         let old = match entry {
-            Some(e) => self.keydir.insert(key, e),
+            Some(e) => {
+                self.live_bytes += u64::from(e.pointer.len);
+                self.keydir.insert(key, e)
+            }
             None => self.keydir.remove(key),
         };
+        if let Some(old) = old {
+            self.live_bytes = self.live_bytes.saturating_sub(u64::from(old.pointer.len));
+        }
         if let Some(old) = old
             && !self.views.is_empty()
         {
@@ -273,13 +292,14 @@ fn check_value(value: &[u8]) -> Result<()> {
 
 /// A store's state rebuilt from its folder, ready to serve.
 struct Assembled {
+    live_bytes: u64,
     active: ActiveSegment,
     segments: BTreeMap<SegmentId, Arc<SegmentReader>>,
     keydir: KeyDir,
     changes: ChangeIndex,
     applied: u64,
     next_segment: SegmentId,
-    report: RecoveryReport,
+    pub(crate) report: RecoveryReport,
 }
 
 /// Recovers the store in `dir` (whose lock the caller holds) and takes over
@@ -326,7 +346,13 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
     // anything is acknowledged in it.
     sync_dir(dir, faults)?;
     let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
+    let mut live_bytes = 0u64;
+    recovered.keydir.scan_from(&[], false, |_, e| {
+        live_bytes += u64::from(e.pointer.len);
+        true
+    });
     Ok(Assembled {
+        live_bytes,
         active,
         segments,
         keydir: recovered.keydir,
@@ -379,6 +405,7 @@ impl Store {
                 spare: preallocate.then(|| Spare::start(&dir_for_spare, segment_size)),
             }),
             state: RwLock::new(State {
+                live_bytes: a.live_bytes,
                 published,
                 views: BTreeMap::new(),
                 next_view: 0,
@@ -393,12 +420,31 @@ impl Store {
             pins: Mutex::new(std::collections::BTreeMap::new()),
             sealed_crcs: Mutex::new(std::collections::HashMap::new()),
             global_mutation: AtomicBool::new(false),
+            stat: std::sync::OnceLock::new(),
+            metrics: Mutex::new(None),
+            records_written: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            opened_at: published,
             closed: AtomicBool::new(false),
             report: a.report,
             syncer: Mutex::new(None),
         });
         if let SyncMode::Interval(every) = inner.options.sync_mode {
             *inner.syncer.lock() = Some(Syncer::start(Arc::downgrade(&inner), every));
+        }
+        if let Some(m) = &inner.options.metrics {
+            let registered = crate::metrics::StoreMetrics::register(m, Arc::downgrade(&inner))
+                .map_err(|e| Error::InvalidOptions(format!("register metrics: {e}")));
+            match registered {
+                Ok(metrics) => {
+                    let _ = inner.stat.set(metrics.stat());
+                    *inner.metrics.lock() = Some(metrics);
+                }
+                Err(e) => {
+                    let _ = inner.close();
+                    return Err(e);
+                }
+            }
         }
         Ok(Store { inner })
     }
@@ -455,13 +501,27 @@ impl Store {
     /// Iterates live keys in ascending order; see [`Iter`] for the
     /// consistency guarantee.
     pub fn iter(&self, options: &IterationOptions) -> Result<Iter> {
-        self.inner.check_open()?;
-        options.validate()?;
-        Ok(Iter::new(Arc::clone(&self.inner), options))
+        self.inner.measured(Op::Iterate, || {
+            self.inner.check_open()?;
+            options.validate()?;
+            Ok(Iter::new(Arc::clone(&self.inner), options))
+        })
     }
 }
 
 impl Inner {
+    /// Runs `f` as operation `op`, recording its latency and failure when
+    /// metrics are on.
+    pub(crate) fn measured<T>(&self, op: Op, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(stat) = self.stat.get() else {
+            return f();
+        };
+        let started = std::time::Instant::now();
+        let result = f();
+        stat.record(op, started, result.is_err());
+        result
+    }
+
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             Err(Error::Closed)
@@ -574,6 +634,7 @@ impl Inner {
             {
                 let mut state = self.state.write();
                 state.keydir = a.keydir;
+                state.live_bytes = a.live_bytes;
                 state.segments = a.segments;
                 state.changes = a.changes;
                 state.published = position;
@@ -727,6 +788,9 @@ impl Inner {
             state.keydir = KeyDir::new();
             state.segments.clear();
         }
+        if let Some(m) = self.metrics.lock().take() {
+            m.unregister();
+        }
         self.lock.lock().take();
         result
     }
@@ -829,95 +893,122 @@ impl Syncer {
 
 impl KvStore for Store {
     fn put(&self, pairs: &[KvPair]) -> Result<()> {
-        self.inner.check_open()?;
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        let mut size = 0u64;
-        for p in pairs {
-            check_key(&p.key)?;
-            check_value(&p.value)?;
-            size += RecordBuilder::op_len(p.key.len(), p.value.len());
-        }
-        if size > self.inner.options.batch_limit() {
-            return Err(Error::BatchTooLarge {
-                bytes: size,
-                max: self.inner.options.batch_limit(),
-            });
-        }
-        let mut builder = RecordBuilder::new(None);
-        let mut ops = Vec::with_capacity(pairs.len());
-        for p in pairs {
-            let offset = builder.push_put(&p.key, &p.value, p.expire_ts);
-            ops.push(OpMeta {
-                offset,
-                len: RecordBuilder::op_len(p.key.len(), p.value.len()) as u32,
-                key_len: p.key.len() as u16,
-                expire_ts: p.expire_ts,
-                delete: false,
-            });
-        }
-        self.inner
-            .submit(WriteOp::new(WriteKind::Batch, builder, ops))
-            .map(drop)
+        self.inner.measured(
+            if pairs.len() == 1 {
+                Op::Put
+            } else {
+                Op::MultiPut
+            },
+            || {
+                self.inner.check_open()?;
+                if pairs.is_empty() {
+                    return Ok(());
+                }
+                let mut size = 0u64;
+                for p in pairs {
+                    check_key(&p.key)?;
+                    check_value(&p.value)?;
+                    size += RecordBuilder::op_len(p.key.len(), p.value.len());
+                }
+                if size > self.inner.options.batch_limit() {
+                    return Err(Error::BatchTooLarge {
+                        bytes: size,
+                        max: self.inner.options.batch_limit(),
+                    });
+                }
+                let mut builder = RecordBuilder::new(None);
+                let mut ops = Vec::with_capacity(pairs.len());
+                for p in pairs {
+                    let offset = builder.push_put(&p.key, &p.value, p.expire_ts);
+                    ops.push(OpMeta {
+                        offset,
+                        len: RecordBuilder::op_len(p.key.len(), p.value.len()) as u32,
+                        key_len: p.key.len() as u16,
+                        expire_ts: p.expire_ts,
+                        delete: false,
+                    });
+                }
+                self.inner
+                    .submit(WriteOp::new(WriteKind::Batch, builder, ops))
+                    .map(drop)
+            },
+        )
     }
 
     fn get(&self, keys: &[&[u8]]) -> Result<Vec<KvPair>> {
-        self.inner.check_open()?;
-        let clock = &self.inner.options.clock;
-        let state = self.inner.state.read();
-        state.check_open()?;
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
-        for &key in keys {
-            let Some(entry) = state.live(key, clock) else {
-                continue;
-            };
-            let (value, expire_ts) =
-                state.read_op(&self.inner.dir, key, entry.pointer, &mut buf)?;
-            out.push(KvPair {
-                key: key.to_vec(),
-                value: value.to_vec(),
-                expire_ts,
-            });
-        }
-        Ok(out)
+        self.inner.measured(
+            if keys.len() == 1 {
+                Op::Get
+            } else {
+                Op::MultiGet
+            },
+            || {
+                self.inner.check_open()?;
+                let clock = &self.inner.options.clock;
+                let state = self.inner.state.read();
+                state.check_open()?;
+                let mut out = Vec::new();
+                let mut buf = Vec::new();
+                let mut read = 0u64;
+                for &key in keys {
+                    let Some(entry) = state.live(key, clock) else {
+                        continue;
+                    };
+                    let (value, expire_ts) =
+                        state.read_op(&self.inner.dir, key, entry.pointer, &mut buf)?;
+                    read += u64::from(entry.pointer.len);
+                    out.push(KvPair {
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                        expire_ts,
+                    });
+                }
+                if read > 0 {
+                    self.inner.read_bytes.fetch_add(read, Ordering::Relaxed);
+                }
+                Ok(out)
+            },
+        )
     }
 
     fn delete(&self, key: &[u8]) -> Result<()> {
-        self.inner.check_open()?;
-        check_key(key)?;
-        let mut builder = RecordBuilder::new(None);
-        let offset = builder.push_delete(key);
-        let ops = vec![OpMeta {
-            offset,
-            len: RecordBuilder::op_len(key.len(), 0) as u32,
-            key_len: key.len() as u16,
-            expire_ts: 0,
-            delete: true,
-        }];
-        self.inner
-            .submit(WriteOp::new(WriteKind::DeleteIfPresent, builder, ops))
-            .map(drop)
+        self.inner.measured(Op::Delete, || {
+            self.inner.check_open()?;
+            check_key(key)?;
+            let mut builder = RecordBuilder::new(None);
+            let offset = builder.push_delete(key);
+            let ops = vec![OpMeta {
+                offset,
+                len: RecordBuilder::op_len(key.len(), 0) as u32,
+                key_len: key.len() as u16,
+                expire_ts: 0,
+                delete: true,
+            }];
+            self.inner
+                .submit(WriteOp::new(WriteKind::DeleteIfPresent, builder, ops))
+                .map(drop)
+        })
     }
 
     fn compare_and_set(&self, request: &CompareAndSetRequest) -> Result<bool> {
-        self.inner.check_open()?;
-        check_key(&request.key)?;
-        check_value(&request.new_value)?;
-        let mut builder = RecordBuilder::new(None);
-        let offset = builder.push_put(&request.key, &request.new_value, request.expire_ts);
-        self.inner.check_batch_size(&builder)?;
-        let ops = vec![OpMeta {
-            offset,
-            len: RecordBuilder::op_len(request.key.len(), request.new_value.len()) as u32,
-            key_len: request.key.len() as u16,
-            expire_ts: request.expire_ts,
-            delete: false,
-        }];
-        let kind = WriteKind::CompareAndSet(request.old_value.clone());
-        let outcome = self.inner.submit(WriteOp::new(kind, builder, ops))?;
-        Ok(outcome.is_some())
+        self.inner.measured(Op::CompareAndSet, || {
+            self.inner.check_open()?;
+            check_key(&request.key)?;
+            check_value(&request.new_value)?;
+            let mut builder = RecordBuilder::new(None);
+            let offset = builder.push_put(&request.key, &request.new_value, request.expire_ts);
+            self.inner.check_batch_size(&builder)?;
+            let ops = vec![OpMeta {
+                offset,
+                len: RecordBuilder::op_len(request.key.len(), request.new_value.len()) as u32,
+                key_len: request.key.len() as u16,
+                expire_ts: request.expire_ts,
+                delete: false,
+            }];
+            let kind = WriteKind::CompareAndSet(request.old_value.clone());
+            let outcome = self.inner.submit(WriteOp::new(kind, builder, ops))?;
+            Ok(outcome.is_some())
+        })
     }
 
     fn iterate(
@@ -928,11 +1019,15 @@ impl KvStore for Store {
     }
 
     fn get_snapshot(&self) -> Result<Box<dyn std::io::Read + Send>> {
-        Ok(Box::new(self.snapshot()?))
+        self.inner.measured(Op::GetSnapshot, || {
+            let reader: Box<dyn std::io::Read + Send> = Box::new(self.snapshot()?);
+            Ok(reader)
+        })
     }
 
     fn put_snapshot(&self, reader: &mut dyn std::io::Read) -> Result<()> {
-        self.load_snapshot(reader).map(drop)
+        self.inner
+            .measured(Op::PutSnapshot, || self.load_snapshot(reader).map(drop))
     }
 
     fn close(&self) -> Result<()> {

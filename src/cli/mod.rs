@@ -81,6 +81,8 @@ enum Command {
     },
     /// Print what the store holds and what recovery did.
     Info,
+    /// Print the store's Prometheus metrics (text exposition).
+    Metrics,
     /// Print change records from the log as JSON lines (bytes in base64).
     Changes {
         /// First change number wanted (0: the oldest available).
@@ -342,6 +344,24 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 )?;
             }
             store.close()?;
+        }
+        Command::Metrics => {
+            let registry = prometheus::Registry::new();
+            let store = Store::open(
+                &cli.db,
+                Options {
+                    metrics: Some(dkv_cask::MetricsOptions::new(registry.clone())),
+                    ..Options::default()
+                },
+            )?;
+            let mut text = Vec::new();
+            prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &registry.gather(),
+                &mut text,
+            )?;
+            store.close()?;
+            out.write_all(&text)?;
         }
         Command::Changes { from, max, text } => {
             let store = open(&cli.db)?;

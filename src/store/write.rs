@@ -388,6 +388,8 @@ impl Inner {
         w.buffer.clear();
         match written {
             Ok(()) => {
+                self.records_written
+                    .fetch_add((appended.len() - *unflushed) as u64, Ordering::Relaxed);
                 self.commit
                     .set_written(appended.last().map_or(0, |a| a.change_number));
                 *unflushed = appended.len();
