@@ -436,15 +436,13 @@ impl StoreMetrics {
             Box::new(stat.response_error.clone()),
             Box::new(StoreCollector::new(inner, &options.engine)?),
         ];
-        let mut registered = 0;
-        for c in collectors {
+        for (registered, c) in collectors.into_iter().enumerate() {
             if let Err(e) = options.registry.register(c) {
                 // Undo only what this call registered: the names that
                 // clashed belong to someone else.
                 metrics.unregister_first(registered);
                 return Err(e);
             }
-            registered += 1;
         }
         Ok(metrics)
     }
