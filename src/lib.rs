@@ -66,7 +66,7 @@ pub use log::{
 };
 pub use metrics::{MetricsOptions, OBJECTIVES, Op, Stat, WindowedSummary};
 pub use options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, RecoveryMode, Retention, SyncMode};
-pub use recovery::{DamagedRange, RecoveryReport, TruncatedTail};
+pub use recovery::{DamagedRange, RecoveryReport, TruncatedTail, verify};
 pub use replication::{
     ChangeApplier, ChangePropagator, ReplicationProgress, replicate, replicate_until_caught_up,
 };

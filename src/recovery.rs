@@ -128,6 +128,30 @@ pub(crate) fn recover(
     mode: RecoveryMode,
     faults: Option<&FaultInjector>,
 ) -> Result<Recovered> {
+    recover_with(dir, mode, faults, false)
+}
+
+/// Reads and checks every segment of the store in `dir` as recovery would,
+/// without changing anything: damage anywhere is listed in `skipped`, a torn
+/// tail that an open would cut in `truncated`. Takes the directory lock, so
+/// it fails with [`Error::Locked`] while the store is open.
+pub fn verify(dir: &Path) -> Result<RecoveryReport> {
+    if !dir.is_dir() {
+        return Err(Error::InvalidPath {
+            path: dir.to_path_buf(),
+            reason: "not a store folder".into(),
+        });
+    }
+    let _lock = crate::log::DirLock::acquire(dir)?;
+    Ok(recover_with(dir, RecoveryMode::TolerateAnyCorruption, None, true)?.report)
+}
+
+fn recover_with(
+    dir: &Path,
+    mode: RecoveryMode,
+    faults: Option<&FaultInjector>,
+    dry_run: bool,
+) -> Result<Recovered> {
     let started = Instant::now();
     let ids = list_segments(dir)?;
     let marker = SyncFailedMarker::in_dir(dir);
@@ -156,6 +180,7 @@ pub(crate) fn recover(
                 newest,
                 mode,
                 durable_limit: durable_limit.filter(|_| newest),
+                dry_run,
             },
             &mut rebuilt,
             &mut report,
@@ -165,6 +190,7 @@ pub(crate) fn recover(
             Scan::Segment(s) => segments.push(s),
             // A newest segment torn while being created holds nothing: it
             // was removed, so the segment before it is the newest again.
+            Scan::Removed if dry_run => {}
             Scan::Removed => sync_dir(dir, faults)?,
             // Reported in `skipped`; the next segment's base will not match,
             // which is the same loss and is not reported twice.
@@ -183,7 +209,9 @@ pub(crate) fn recover(
                 ),
             ));
         }
-        marker.clear(faults)?;
+        if !dry_run {
+            marker.clear(faults)?;
+        }
     }
     report.segments = ids.len();
     report.keys = rebuilt.keydir.len();
@@ -237,6 +265,8 @@ struct Scanning {
     mode: RecoveryMode,
     /// Records ending beyond this position are cut: an fsync failed.
     durable_limit: Option<u64>,
+    /// Report what would be cut or removed, and change nothing.
+    dry_run: bool,
 }
 
 fn scan_segment(
@@ -253,6 +283,7 @@ fn scan_segment(
         newest,
         mode,
         durable_limit,
+        dry_run,
     } = seg;
     let bytes = map.bytes();
     let header = match SegmentHeader::decode(bytes) {
@@ -275,7 +306,10 @@ fn scan_segment(
                 bytes: len,
                 reason: format!("segment header: {e}"),
             });
-            fs::remove_file(&path).context(|| format!("remove torn segment {}", path.display()))?;
+            if !dry_run {
+                fs::remove_file(&path)
+                    .context(|| format!("remove torn segment {}", path.display()))?;
+            }
             return Ok(Scan::Removed);
         }
         Err(e) if !newest && mode.skips_corruption() => {
@@ -442,6 +476,21 @@ fn scan_segment(
                 .iter()
                 .rposition(|&b| b != 0)
                 .map_or(0, |p| p as u64 + 1);
+            if dry_run {
+                report.truncated = Some(TruncatedTail {
+                    file: path.clone(),
+                    offset: cut as u64,
+                    bytes: cut_bytes,
+                    reason,
+                });
+                return Ok(Scan::Segment(ScannedSegment {
+                    id,
+                    map,
+                    path,
+                    base_position: base,
+                    end_offset: cut as u64,
+                }));
+            }
             drop(map);
             let file = fs::OpenOptions::new()
                 .write(true)
