@@ -228,3 +228,33 @@ fn metrics_prints_a_prometheus_exposition_with_dkvs_names() {
     );
     assert!(text.contains("dkv_cask_keys 1"), "{text}");
 }
+
+#[test]
+fn json_output_parses_back_for_get_scan_cas_info_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    stdout(&dkv(&db, &["put", "k1", "v1"]));
+    stdout(&dkv(&db, &["put", "k2", "v2"]));
+    let parse = |s: String| -> Vec<serde_json::Value> {
+        s.lines()
+            .map(|l| serde_json::from_str(l).expect(l))
+            .collect()
+    };
+    let got = parse(stdout(&dkv(&db, &["--json", "get", "k1", "k2"])));
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["key"], "azE=");
+    assert_eq!(got[0]["value"], "djE=");
+    assert_eq!(got[0]["expire_ts"], 0);
+    let scanned = parse(stdout(&dkv(&db, &["scan", "--json", "--prefix", "k"])));
+    assert_eq!(scanned.len(), 2);
+    assert_eq!(scanned[1]["value"], "djI=");
+    let cas = parse(stdout(&dkv(&db, &["--json", "cas", "k1", "v1", "v9"])));
+    assert_eq!(cas[0]["swapped"], true);
+    let info = parse(stdout(&dkv(&db, &["--json", "info"])));
+    assert_eq!(info[0]["keys"], 2);
+    assert_eq!(info[0]["format_version"], 1);
+    assert!(info[0]["last_change_number"].as_u64().unwrap() > 0);
+    let verify = parse(stdout(&dkv(&db, &["--json", "verify"])));
+    assert_eq!(verify[0]["damaged"].as_array().unwrap().len(), 0);
+    assert!(verify[0]["torn_tail"].is_null());
+}

@@ -26,6 +26,10 @@ struct Cli {
     /// The store folder.
     #[arg(long, global = true, default_value = DEFAULT_DB)]
     db: PathBuf,
+    /// Print JSON for scripts (get, scan, cas, info, verify): one object
+    /// per line, keys and values in base64.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -265,7 +269,11 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let found = store.get(&keys)?;
             store.close()?;
             for p in &found {
-                writeln!(out, "{}", String::from_utf8_lossy(&p.value))?;
+                if cli.json {
+                    writeln!(out, "{}", json::pair(p))?;
+                } else {
+                    writeln!(out, "{}", String::from_utf8_lossy(&p.value))?;
+                }
             }
             if found.is_empty() {
                 return Ok(ExitCode::from(3));
@@ -290,7 +298,11 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 expire_ts,
             })?;
             store.close()?;
-            writeln!(out, "{swapped}")?;
+            if cli.json {
+                writeln!(out, "{{\"swapped\":{swapped}}}")?;
+            } else {
+                writeln!(out, "{swapped}")?;
+            }
         }
         Command::Scan {
             prefix,
@@ -303,6 +315,10 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .with_start_key(start.into_bytes());
             for pair in store.iter(&options)?.take(limit.unwrap_or(usize::MAX)) {
                 let p = pair?;
+                if cli.json {
+                    writeln!(out, "{}", json::pair(&p))?;
+                    continue;
+                }
                 writeln!(
                     out,
                     "{}\t{}",
@@ -310,6 +326,26 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     String::from_utf8_lossy(&p.value)
                 )?;
             }
+            store.close()?;
+        }
+        Command::Info if cli.json => {
+            let store = open(&cli.db)?;
+            let r = store.recovery_report();
+            writeln!(
+                out,
+                "{{\"folder\":{},\"format_version\":{},\"keys\":{},\"segments\":{},\"last_change_number\":{},\"durable_change_number\":{},\"index_bytes\":{},\"recovery_records\":{},\"recovery_seconds\":{},\"torn_tail_cut\":{},\"damaged_ranges_skipped\":{}}}",
+                json::string(&store.dir().display().to_string()),
+                dkv_cask::format::FORMAT_VERSION,
+                store.key_count(),
+                r.segments,
+                store.last_change_number(),
+                store.durable_change_number(),
+                store.index_memory_bytes(),
+                r.records,
+                r.duration.as_secs_f64(),
+                r.truncated.is_some(),
+                r.skipped.len()
+            )?;
             store.close()?;
         }
         Command::Info => {
@@ -347,6 +383,41 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 )?;
             }
             store.close()?;
+        }
+        Command::Verify if cli.json => {
+            let r = dkv_cask::verify(&cli.db)?;
+            let damaged: Vec<String> = r
+                .skipped
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{{\"file\":{},\"start\":{},\"end\":{},\"reason\":{}}}",
+                        json::string(&d.file.display().to_string()),
+                        d.start,
+                        d.end,
+                        json::string(&d.reason)
+                    )
+                })
+                .collect();
+            let torn = r.truncated.as_ref().map_or("null".to_string(), |t| {
+                format!(
+                    "{{\"file\":{},\"offset\":{},\"bytes\":{}}}",
+                    json::string(&t.file.display().to_string()),
+                    t.offset,
+                    t.bytes
+                )
+            });
+            writeln!(
+                out,
+                "{{\"segments\":{},\"records\":{},\"bytes\":{},\"damaged\":[{}],\"torn_tail\":{torn}}}",
+                r.segments,
+                r.records,
+                r.bytes_read,
+                damaged.join(",")
+            )?;
+            if !r.skipped.is_empty() || r.truncated.is_some() {
+                return Ok(ExitCode::from(4));
+            }
         }
         Command::Verify => {
             let r = dkv_cask::verify(&cli.db)?;
@@ -576,6 +647,16 @@ mod json {
         } else {
             string(&base64(b))
         }
+    }
+
+    /// One key-value pair as a JSON object, bytes in base64.
+    pub fn pair(p: &dkv_cask::serverpb::KvPair) -> String {
+        format!(
+            "{{\"key\":{},\"value\":{},\"expire_ts\":{}}}",
+            bytes(&p.key, false),
+            bytes(&p.value, false),
+            p.expire_ts
+        )
     }
 
     /// One change record as a JSON object on one line.
