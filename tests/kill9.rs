@@ -1,0 +1,153 @@
+//! The kill -9 crash loop: a child process writes with several threads
+//! under `SyncMode::Always` and records every acknowledged write in a side
+//! log; the parent kills it with SIGKILL at a random moment, reopens the
+//! store, and checks that every acknowledged write is there. CI runs a
+//! short loop; `DKV_KILL_ITERATIONS=1000 cargo test --release --test kill9`
+//! runs a long one.
+//!
+//! The child is this test binary re-run with only
+//! `kill9_child_writes_until_killed`, which does its work only when
+//! `CHILD_DIR_VAR` is set.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use dkv_cask::{KvStore, Options, Store, SyncMode};
+
+const CHILD_DIR_VAR: &str = "DKV_KILL9_CHILD_DIR";
+const WRITERS: u64 = 4;
+
+fn options() -> Options {
+    Options {
+        sync_mode: SyncMode::Always,
+        segment_size: 64 << 10,
+        max_batch_bytes: 16 << 10,
+        ..Options::default()
+    }
+}
+
+/// The child: writes until killed. Each writer appends `key value\n` to
+/// its own side log after its put returned.
+#[test]
+fn kill9_child_writes_until_killed() {
+    let Some(dir) = std::env::var_os(CHILD_DIR_VAR) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let store = Store::open(dir.join("db"), options()).expect("child opens the store");
+    let round: u64 = std::env::var("DKV_KILL9_ROUND").unwrap().parse().unwrap();
+    std::thread::scope(|s| {
+        for t in 0..WRITERS {
+            let store = &store;
+            s.spawn(move || {
+                let mut log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(format!("acked-{t}.log")))
+                    .unwrap();
+                for i in 0.. {
+                    let key = format!("r{round}-t{t}-{i}");
+                    let value = format!("{}", i * 7 + t);
+                    if i % 5 == 4 {
+                        // A batch of two: both or neither.
+                        store
+                            .put(&[pair(&key, &value), pair(format!("{key}-b"), &value)])
+                            .unwrap();
+                        writeln!(log, "{key} {value}").unwrap();
+                        writeln!(log, "{key}-b {value}").unwrap();
+                    } else {
+                        store.put(&[pair(&key, &value)]).unwrap();
+                        writeln!(log, "{key} {value}").unwrap();
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Every complete line of the side logs: an acknowledged write.
+fn acknowledged(dir: &Path) -> HashMap<String, String> {
+    let mut acked = HashMap::new();
+    for t in 0..WRITERS {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("acked-{t}.log"))) else {
+            continue;
+        };
+        // A kill can cut the last line short.
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        for line in complete.lines() {
+            let (k, v) = line.split_once(' ').expect("key value");
+            acked.insert(k.to_string(), v.to_string());
+        }
+    }
+    acked
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_at_random_moments() {
+    let iterations: u64 = std::env::var("DKV_KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::from_env("kill9");
+    let exe = std::env::current_exe().unwrap();
+    let mut checked = 0;
+    for round in 0..iterations {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "kill9_child_writes_until_killed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR_VAR, dir.path())
+            .env("DKV_KILL9_ROUND", round.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(30 + rng.below(150)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let store = Store::open(dir.path().join("db"), options())
+            .unwrap_or_else(|e| panic!("round {round}: reopen after kill -9 failed: {e}"));
+        let acked = acknowledged(dir.path());
+        let keys: Vec<&[u8]> = acked.keys().map(|k| k.as_bytes()).collect();
+        let found: HashMap<Vec<u8>, Vec<u8>> = keys
+            .chunks(512)
+            .flat_map(|c| store.get(c).unwrap())
+            .map(|p| (p.key, p.value))
+            .collect();
+        for (k, v) in &acked {
+            assert_eq!(
+                found.get(k.as_bytes()).map(Vec::as_slice),
+                Some(v.as_bytes()),
+                "round {round}: acknowledged write {k} lost"
+            );
+        }
+        // Batches are all-or-nothing, acknowledged or not.
+        for p in store.iter(&dkv_cask::IterationOptions::new()).unwrap() {
+            let p = p.unwrap();
+            let key = String::from_utf8(p.key).unwrap();
+            if let Some(first) = key.strip_suffix("-b") {
+                assert!(
+                    value_of(&store, first).is_some(),
+                    "round {round}: half a batch ({key} without {first})"
+                );
+            }
+        }
+        checked = acked.len();
+        store.close().unwrap();
+    }
+    assert!(checked > 0, "the children acknowledged no write at all");
+    eprintln!("kill9: {iterations} kills, {checked} acknowledged writes checked");
+}
