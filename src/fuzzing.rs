@@ -194,3 +194,161 @@ pub fn change_records(data: &[u8]) {
     }
     let _ = store.close();
 }
+
+/// `ops_model`: arbitrary bytes as a sequence of puts, batches, deletes,
+/// compare-and-sets, gets, iterations, reopens, backup-and-restore and
+/// snapshot round trips, checked against a `BTreeMap` model after every
+/// step. (Crashes and injected I/O failures need the simulated file system
+/// the reliability harness adds.)
+pub fn ops_model(data: &[u8]) {
+    use crate::serverpb::{CompareAndSetRequest, KvPair};
+    use crate::{Backupable, IterationOptions, KvStore};
+    use std::collections::BTreeMap;
+
+    const NOW: u64 = 1_000_000;
+    let key = |b: Option<u8>| vec![b'k', b.unwrap_or(0) % 8];
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let db = dir.path().join("db");
+    let options = crate::Options {
+        clock: crate::Clock::manual(NOW),
+        ..scratch_options()
+    };
+    let mut store = crate::Store::open(&db, options.clone()).expect("open");
+    let mut model: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = BTreeMap::new();
+    let live = |m: &BTreeMap<Vec<u8>, (Vec<u8>, u64)>, k: &[u8]| {
+        m.get(k)
+            .filter(|(_, e)| *e == 0 || *e > NOW)
+            .map(|(v, _)| v.clone())
+    };
+    let mut steps = 0;
+    while let Some(op) = next() {
+        steps += 1;
+        if steps > 200 {
+            break;
+        }
+        match op % 10 {
+            0..=3 => {
+                let k = key(next());
+                let len = usize::from(next().unwrap_or(0) % 40);
+                let v: Vec<u8> = (0..len).map(|i| i as u8 ^ op).collect();
+                let e = match next().unwrap_or(0) % 4 {
+                    0 => NOW - 10,
+                    1 => NOW + 1000,
+                    _ => 0,
+                };
+                store
+                    .put(&[KvPair {
+                        key: k.clone(),
+                        value: v.clone(),
+                        expire_ts: e,
+                    }])
+                    .expect("put");
+                model.insert(k, (v, e));
+            }
+            4 => {
+                let n = 1 + next().unwrap_or(0) % 4;
+                let batch: Vec<KvPair> = (0..n)
+                    .map(|i| KvPair {
+                        key: key(next()),
+                        value: vec![i; usize::from(i)],
+                        expire_ts: 0,
+                    })
+                    .collect();
+                store.put(&batch).expect("batch");
+                for p in batch {
+                    model.insert(p.key, (p.value, 0));
+                }
+            }
+            5 => {
+                let k = key(next());
+                store.delete(&k).expect("delete");
+                model.remove(&k);
+            }
+            6 => {
+                let k = key(next());
+                let current = live(&model, &k);
+                let old = match next().unwrap_or(0) % 3 {
+                    0 => Vec::new(),
+                    1 => current.clone().unwrap_or_default(),
+                    _ => b"stale".to_vec(),
+                };
+                let expected = match &current {
+                    None => old.is_empty(),
+                    Some(_) if old.is_empty() => false,
+                    Some(v) => *v == old,
+                };
+                let new = vec![op; 3];
+                let swapped = store
+                    .compare_and_set(&CompareAndSetRequest {
+                        key: k.clone(),
+                        old_value: old,
+                        new_value: new.clone(),
+                        expire_ts: 0,
+                    })
+                    .expect("cas");
+                assert_eq!(swapped, expected, "compare-and-set of {k:?}");
+                if swapped {
+                    model.insert(k, (new, 0));
+                }
+            }
+            7 => {
+                let k = key(next());
+                let got = store.get(&[&k]).expect("get").pop().map(|p| p.value);
+                assert_eq!(got, live(&model, &k), "get of {k:?}");
+            }
+            8 => {
+                let got: Vec<(Vec<u8>, Vec<u8>)> = store
+                    .iter(&IterationOptions::new().with_prefix(b"k".to_vec()))
+                    .expect("iterate")
+                    .map(|p| p.map(|p| (p.key, p.value)).expect("item"))
+                    .collect();
+                let want: Vec<(Vec<u8>, Vec<u8>)> = model
+                    .iter()
+                    .filter(|(_, (_, e))| *e == 0 || *e > NOW)
+                    .map(|(k, (v, _))| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(got, want, "iteration");
+            }
+            _ => match next().unwrap_or(0) % 3 {
+                0 => {
+                    store.close().expect("close");
+                    store = crate::Store::open(&db, options.clone()).expect("reopen");
+                }
+                1 => {
+                    let backup = dir.path().join("backup");
+                    store.backup_to(&backup).expect("backup");
+                    let saved = model.clone();
+                    let k = key(next());
+                    store
+                        .put(&[KvPair {
+                            key: k.clone(),
+                            value: b"after".to_vec(),
+                            expire_ts: 0,
+                        }])
+                        .expect("put after backup");
+                    store = store.restore_from(&backup).expect("restore");
+                    model = saved;
+                }
+                _ => {
+                    let mut stream = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut store.get_snapshot().expect("snapshot"),
+                        &mut stream,
+                    )
+                    .expect("read snapshot");
+                    let saved: BTreeMap<_, _> = model
+                        .iter()
+                        .filter(|(_, (_, e))| *e == 0 || *e > NOW)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    store.delete(b"k\x01").expect("delete");
+                    store.put_snapshot(&mut &stream[..]).expect("load snapshot");
+                    model = saved;
+                }
+            },
+        }
+    }
+    let _ = store.close();
+}

@@ -164,3 +164,22 @@ fn change_records_hold_their_properties_over_the_seed_corpus() {
         fuzzing::change_records(input);
     }
 }
+
+#[test]
+fn ops_model_holds_its_properties_over_the_seed_corpus() {
+    // Every kind of step, including reopen, backup-restore and snapshot.
+    let mut walk = Vec::new();
+    for op in 0u8..30 {
+        walk.extend_from_slice(&[op, op.wrapping_mul(7), op % 4, op % 3]);
+    }
+    let seeds = vec![
+        walk,
+        vec![0, 1, 5, 0, 6, 1, 1, 7, 1, 9, 1, 7, 1, 8],
+        vec![9, 0, 9, 1, 9, 2, 4, 3, 8],
+        (0u8..=255).collect(),
+    ];
+    write_seeds("ops_model", &seeds);
+    for input in corpus("ops_model").iter().chain(seeds.iter()) {
+        fuzzing::ops_model(input);
+    }
+}
