@@ -476,36 +476,26 @@ fn scan_segment(
                 .iter()
                 .rposition(|&b| b != 0)
                 .map_or(0, |p| p as u64 + 1);
-            if dry_run {
-                report.truncated = Some(TruncatedTail {
-                    file: path.clone(),
-                    offset: cut as u64,
-                    bytes: cut_bytes,
-                    reason,
-                });
-                return Ok(Scan::Segment(ScannedSegment {
-                    id,
-                    map,
-                    path,
-                    base_position: base,
-                    end_offset: cut as u64,
-                }));
-            }
-            drop(map);
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .context(|| format!("open {} to cut its torn tail", path.display()))?;
-            truncate_synced(&file, &path, cut as u64, faults)?;
             report.truncated = Some(TruncatedTail {
                 file: path.clone(),
                 offset: cut as u64,
                 bytes: cut_bytes,
                 reason,
             });
+            let map = if dry_run {
+                map
+            } else {
+                drop(map);
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .context(|| format!("open {} to cut its torn tail", path.display()))?;
+                truncate_synced(&file, &path, cut as u64, faults)?;
+                SealedSegment::open(&path)?
+            };
             return Ok(Scan::Segment(ScannedSegment {
                 id,
-                map: SealedSegment::open(&path)?,
+                map,
                 path,
                 base_position: base,
                 end_offset: cut as u64,
