@@ -23,17 +23,19 @@ fn pair(i: u64) -> KvPair {
     }
 }
 
-fn filled_store() -> (tempfile::TempDir, Store) {
+/// Options of the benchmark stores: 8 MiB segments, the given sync mode.
+fn options(sync_mode: SyncMode) -> Options {
+    Options {
+        sync_mode,
+        segment_size: 8 << 20,
+        ..Options::default()
+    }
+}
+
+/// A store opened with `options` and filled with `KEYS` pairs.
+fn filled_store(options: Options) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(
-        dir.path(),
-        Options {
-            sync_mode: SyncMode::Never,
-            segment_size: 8 << 20,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open(dir.path(), options).unwrap();
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
         let batch: Vec<KvPair> = chunk.iter().map(|&i| pair(i)).collect();
         store.put(&batch).unwrap();
@@ -42,7 +44,7 @@ fn filled_store() -> (tempfile::TempDir, Store) {
 }
 
 fn engine(c: &mut Criterion) {
-    let (_dir, store) = filled_store();
+    let (_dir, store) = filled_store(options(SyncMode::Never));
     let mut i = 0u64;
     c.bench_function("put 100 B (SyncMode::Never)", |b| {
         b.iter_batched(
@@ -81,15 +83,7 @@ fn engine(c: &mut Criterion) {
 
 fn durable(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(
-        dir.path(),
-        Options {
-            sync_mode: SyncMode::Always,
-            segment_size: 8 << 20,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open(dir.path(), options(SyncMode::Always)).unwrap();
     let mut group = c.benchmark_group("durable");
     group.sample_size(20);
     let mut i = 0u64;
@@ -107,22 +101,11 @@ fn durable(c: &mut Criterion) {
 fn metrics_cost(c: &mut Criterion) {
     let mut group = c.benchmark_group("metrics");
     for with_metrics in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
         let registry = prometheus::Registry::new();
-        let store = Store::open(
-            dir.path(),
-            Options {
-                sync_mode: SyncMode::Never,
-                segment_size: 8 << 20,
-                metrics: with_metrics.then(|| dkv_cask::MetricsOptions::new(registry.clone())),
-                ..Options::default()
-            },
-        )
-        .unwrap();
-        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
-            let batch: Vec<KvPair> = chunk.iter().map(|&i| pair(i)).collect();
-            store.put(&batch).unwrap();
-        }
+        let (_dir, store) = filled_store(Options {
+            metrics: with_metrics.then(|| dkv_cask::MetricsOptions::new(registry.clone())),
+            ..options(SyncMode::Never)
+        });
         let label = if with_metrics { "on" } else { "off" };
         let mut r = 0x2545_F491u64;
         group.bench_function(format!("random get, metrics {label}"), |b| {
