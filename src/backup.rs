@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::FORMAT_VERSION;
 use crate::helpers::{create_temp_folder, rename_folder};
 use crate::log::{SegmentId, sync_dir};
 use crate::store::{Inner, KvStore, Store};
@@ -24,6 +23,8 @@ const RESTORE_COMPLETE: &str = "RESTORE-COMPLETE";
 
 /// First line of a manifest.
 const MANIFEST_MAGIC: &str = "dkv-cask-backup";
+/// Version of the backup manifest's text format.
+const MANIFEST_VERSION: u16 = 1;
 
 /// DKV's `Backupable`.
 pub trait Backupable {
@@ -74,7 +75,7 @@ impl BackupInfo {
 
     fn encode(&self) -> String {
         let mut s = format!(
-            "{MANIFEST_MAGIC} {FORMAT_VERSION}\nchange-number {}\napplied-change-number {}\ncreated-unix {}\n",
+            "{MANIFEST_MAGIC} {MANIFEST_VERSION}\nchange-number {}\napplied-change-number {}\ncreated-unix {}\n",
             self.change_number, self.applied_change_number, self.created_unix
         );
         for f in &self.files {
@@ -110,11 +111,11 @@ impl BackupInfo {
             .and_then(|l| l.strip_prefix(MANIFEST_MAGIC))
             .and_then(|v| v.trim().parse::<u16>().ok())
             .ok_or_else(|| bad("not a dkv-cask backup manifest"))?;
-        if version != FORMAT_VERSION {
+        if version != MANIFEST_VERSION {
             return Err(Error::UnsupportedVersion {
                 file: path.to_path_buf(),
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: MANIFEST_VERSION,
             });
         }
         let mut field = |name: &str| -> Result<u64> {
@@ -353,7 +354,7 @@ impl Backupable for Store {
         let mut files = Vec::with_capacity(sealed.len());
         let mut linked = 0;
         let mut keep = std::collections::HashSet::new();
-        for (id, src) in &sealed {
+        for (id, src, _reader) in &sealed {
             let name = id.file_name();
             let (len, crc) = inner.sealed_crc(*id)?;
             if link_or_copy(src, &path.join(&name))? {

@@ -30,9 +30,11 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod helpers;
+mod hint;
 mod iter;
 mod keydir;
 mod log;
+mod merge;
 mod metrics;
 mod options;
 mod recovery;
@@ -64,11 +66,14 @@ pub use log::{
     FaultInjector, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SPARE_FILE, SYNC_FAILED_FILE,
     SegmentId,
 };
+pub use merge::{MergeReport, MergeStep};
 pub use metrics::{MetricsOptions, OBJECTIVES, Op, Stat, WindowedSummary};
-pub use options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, RecoveryMode, Retention, SyncMode};
-pub use recovery::{DamagedRange, RecoveryReport, TruncatedTail, verify};
+pub use options::{
+    Clock, MAX_KEY_LEN, MAX_VALUE_LEN, MergeOptions, Options, RecoveryMode, Retention, SyncMode,
+};
+pub use recovery::{DamagedRange, HintFallback, RecoveryReport, TruncatedTail, verify};
 pub use replication::{
     ChangeApplier, ChangePropagator, ReplicationProgress, replicate, replicate_until_caught_up,
 };
 pub use snapshot::SnapshotReader;
-pub use store::{KvStore, SEGMENT_HEADER_BYTES, Store};
+pub use store::{KvStore, SEGMENT_HEADER_BYTES, SegmentStats, Store, StoreStats};

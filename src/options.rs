@@ -137,6 +137,42 @@ impl Default for Retention {
     }
 }
 
+/// When and how merge runs (DESIGN.md 18). Merge rewrites the live data
+/// of a run of adjacent sealed segments into one merged segment, leaving
+/// the log that [`Retention`] keeps for followers alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeOptions {
+    /// Merge in a background thread whenever a threshold below is crossed
+    /// (checked at every rollover and every `check_interval`).
+    /// Default: `true`.
+    pub automatic: bool,
+    /// A sealed segment is worth merging once this fraction of its bytes
+    /// would be given back (overwritten, deleted and expired data, and the
+    /// framing a merged segment does without). Default: 0.5.
+    pub dead_ratio: f64,
+    /// Every segment with anything to give back is merged once the store's
+    /// segments take more than this many times the bytes a full merge
+    /// would leave. Default: 2.0.
+    pub space_amplification: f64,
+    /// Upper bound on the bytes a merge writes per second; 0 for no bound.
+    /// Default: 0.
+    pub bytes_per_second: u64,
+    /// How often the background thread checks the thresholds. Default: 10 s.
+    pub check_interval: Duration,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            automatic: true,
+            dead_ratio: 0.5,
+            space_amplification: 2.0,
+            bytes_per_second: 0,
+            check_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Settings for [`Store::open`](crate::Store::open).
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -162,6 +198,8 @@ pub struct Options {
     pub clock: Clock,
     /// Log kept for replication followers. Default: see [`Retention`].
     pub retention: Retention,
+    /// Merge thresholds and pacing. Default: see [`MergeOptions`].
+    pub merge: MergeOptions,
     /// Prometheus metrics (DKV's `Stat` and the store's gauges), registered
     /// into the given registry. Default: `None` (no metrics).
     pub metrics: Option<crate::metrics::MetricsOptions>,
@@ -179,6 +217,7 @@ impl Default for Options {
             max_batch_bytes: 32 << 20,
             clock: Clock::System,
             retention: Retention::default(),
+            merge: MergeOptions::default(),
             metrics: None,
             fault_injector: None,
         }
@@ -213,6 +252,24 @@ impl Options {
         if self.max_batch_bytes == 0 {
             return Err(Error::InvalidOptions(
                 "max_batch_bytes must be at least 1".into(),
+            ));
+        }
+        let m = &self.merge;
+        if !(m.dead_ratio > 0.0 && m.dead_ratio <= 1.0) {
+            return Err(Error::InvalidOptions(format!(
+                "merge.dead_ratio {} must be in (0, 1]",
+                m.dead_ratio
+            )));
+        }
+        if m.space_amplification.is_nan() || m.space_amplification < 1.0 {
+            return Err(Error::InvalidOptions(format!(
+                "merge.space_amplification {} must be at least 1",
+                m.space_amplification
+            )));
+        }
+        if m.check_interval.is_zero() {
+            return Err(Error::InvalidOptions(
+                "merge.check_interval must be non-zero".into(),
             ));
         }
         if let SyncMode::Interval(d) = self.sync_mode

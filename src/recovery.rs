@@ -16,8 +16,8 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    FormatError, OP_HEADER_LEN, OpKind, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader,
-    decode_record,
+    FormatError, Hint, MergeHeader, OP_HEADER_LEN, OpKind, RECORD_HEADER_LEN, RecordKind,
+    SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind, decode_record,
 };
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
@@ -29,9 +29,22 @@ use crate::replication::ChangeIndex;
 /// What `open` found and did while rebuilding the index.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
-    /// Segment files read.
+    /// Segment files found (superseded and removed ones included).
     pub segments: usize,
-    /// Records replayed.
+    /// Segments whose index entries came from their hint files.
+    pub segments_from_hints: usize,
+    /// Segments whose records were read and verified (the active segment,
+    /// and sealed ones without a usable hint).
+    pub segments_scanned: usize,
+    /// Hint files that could not be used, and why; their segments were
+    /// scanned and the hints rebuilt.
+    pub hint_fallbacks: Vec<HintFallback>,
+    /// Segments replaced by a committed merge whose removal a crash had
+    /// interrupted; removed now.
+    pub superseded_removed: usize,
+    /// Output of merges that had not committed; removed now.
+    pub unfinished_merges_removed: usize,
+    /// Records replayed from scanned segments.
     pub records: u64,
     /// Live keys in the index afterwards (expired ones included).
     pub keys: usize,
@@ -43,6 +56,15 @@ pub struct RecoveryReport {
     pub skipped: Vec<DamagedRange>,
     /// Wall time spent.
     pub duration: Duration,
+}
+
+/// A hint file that open could not use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HintFallback {
+    /// The segment, which was scanned instead.
+    pub segment: SegmentId,
+    /// Why the hint was not used (missing, damaged, older than the segment).
+    pub reason: String,
 }
 
 /// Unsynced bytes cut from the end of the newest segment.
@@ -71,22 +93,18 @@ pub struct DamagedRange {
     pub reason: String,
 }
 
-/// One segment after its scan.
+/// One segment after recovery read it.
 #[derive(Debug)]
 pub(crate) struct ScannedSegment {
     pub(crate) id: SegmentId,
+    pub(crate) kind: SegmentKind,
     pub(crate) path: PathBuf,
     pub(crate) base_position: u64,
+    /// End of the log range the segment covers.
+    pub(crate) end_position: u64,
     /// File offset just past the last intact record.
     pub(crate) end_offset: u64,
     pub(crate) map: SealedSegment,
-}
-
-impl ScannedSegment {
-    /// Logical position just past the last intact record.
-    pub(crate) fn end_position(&self) -> u64 {
-        self.base_position + (self.end_offset - SEGMENT_HEADER_LEN as u64)
-    }
 }
 
 /// The state rebuilt from disk.
@@ -97,11 +115,16 @@ pub(crate) struct Recovered {
     pub(crate) changes: ChangeIndex,
     /// The highest applied number any record carries (replication).
     pub(crate) applied: u64,
-    /// Segments in id order; the last one becomes the active segment.
+    /// Segments in log order; the last one becomes the active segment when
+    /// it is a log segment.
     pub(crate) segments: Vec<ScannedSegment>,
     /// The highest segment id found on disk, skipped or removed ones
     /// included: new segments are numbered above it.
     pub(crate) highest_id: Option<SegmentId>,
+    /// Sealed segments read without a usable hint: hints to write.
+    pub(crate) unhinted: Vec<SegmentId>,
+    /// Bytes of delete operations per segment.
+    pub(crate) tombstones: std::collections::HashMap<SegmentId, u64>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -122,7 +145,22 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentId>> {
     Ok(ids)
 }
 
-/// Rebuilds the index from the segments in `dir`.
+/// Removes the output files of merges that had not committed.
+fn remove_unfinished_merges(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).context(|| format!("list {}", dir.display()))? {
+        let entry = entry.context(|| format!("list {}", dir.display()))?;
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) == Some(crate::log::MERGING_EXTENSION) {
+            fs::remove_file(&path).context(|| format!("remove {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Rebuilds the index from the segments in `dir`, from hint files where
+/// they are usable.
 pub(crate) fn recover(
     dir: &Path,
     mode: RecoveryMode,
@@ -132,9 +170,10 @@ pub(crate) fn recover(
 }
 
 /// Reads and checks every segment of the store in `dir` as recovery would,
-/// without changing anything: damage anywhere is listed in `skipped`, a torn
-/// tail that an open would cut in `truncated`. Takes the directory lock, so
-/// it fails with [`Error::Locked`] while the store is open.
+/// without changing anything and without trusting hint files: damage
+/// anywhere is listed in `skipped`, a torn tail that an open would cut in
+/// `truncated`. Takes the directory lock, so it fails with
+/// [`Error::Locked`] while the store is open.
 pub fn verify(dir: &Path) -> Result<RecoveryReport> {
     if !dir.is_dir() {
         return Err(Error::InvalidPath {
@@ -146,6 +185,22 @@ pub fn verify(dir: &Path) -> Result<RecoveryReport> {
     Ok(recover_with(dir, RecoveryMode::TolerateAnyCorruption, None, true)?.report)
 }
 
+/// A segment file whose headers decoded.
+struct Opened {
+    id: SegmentId,
+    path: PathBuf,
+    map: SealedSegment,
+    header: SegmentHeader,
+    merge: Option<MergeHeader>,
+}
+
+impl Opened {
+    /// End of the covered log range, when the headers say it (merged).
+    fn stated_end(&self) -> Option<u64> {
+        self.merge.map(|m| m.end_position)
+    }
+}
+
 fn recover_with(
     dir: &Path,
     mode: RecoveryMode,
@@ -153,30 +208,159 @@ fn recover_with(
     dry_run: bool,
 ) -> Result<Recovered> {
     let started = Instant::now();
+    let mut report = RecoveryReport::default();
+    if !dry_run {
+        report.unfinished_merges_removed = remove_unfinished_merges(dir)?;
+    }
     let ids = list_segments(dir)?;
     let marker = SyncFailedMarker::in_dir(dir);
     // After a failed fdatasync, only the log up to this position is known
     // to be on disk, whatever the page cache still shows.
     let durable_limit = marker.read()?;
     let mut rebuilt = Rebuilt::default();
-    let mut report = RecoveryReport::default();
-    let mut segments: Vec<ScannedSegment> = Vec::with_capacity(ids.len());
-    let mut skipped_previous = false;
+    let mut dir_changed = report.unfinished_merges_removed > 0;
+
+    // 1. Every segment's headers.
+    let mut opened: Vec<Opened> = Vec::with_capacity(ids.len());
+    // A segment skipped whole has no known range: the gap it leaves is
+    // reported once, as the skip, not again by the tiling check.
+    let mut skipped_whole = false;
     for (i, &id) in ids.iter().enumerate() {
         let newest = i + 1 == ids.len();
         let path = id.path_in(dir);
-        let map = SealedSegment::open(&path)?;
-        let expected_base = if std::mem::take(&mut skipped_previous) {
-            None
-        } else {
-            segments.last().map(ScannedSegment::end_position)
-        };
-        let scanned = scan_segment(
-            Scanning {
+        let map = SealedSegment::open_lazy(&path)?;
+        match read_headers(map.bytes(), id) {
+            Ok((header, merge)) => opened.push(Opened {
                 id,
                 path,
                 map,
-                expected_base,
+                header,
+                merge,
+            }),
+            Err(HeaderError::Version(found)) => {
+                return Err(Error::UnsupportedVersion {
+                    file: path,
+                    found,
+                    supported: crate::format::FORMAT_VERSION,
+                });
+            }
+            Err(HeaderError::Format(e))
+                if newest && mode.cuts_torn_tail() && !has_intact_record_anywhere(map.bytes()) =>
+            {
+                // Crash while a log segment was being created (merge output
+                // appears only whole, by rename): nothing in it was ever
+                // acknowledged. Remove it.
+                let len = map.bytes().len() as u64;
+                drop(map);
+                report.truncated = Some(TruncatedTail {
+                    file: path.clone(),
+                    offset: 0,
+                    bytes: len,
+                    reason: format!("segment header: {e}"),
+                });
+                if !dry_run {
+                    fs::remove_file(&path)
+                        .context(|| format!("remove torn segment {}", path.display()))?;
+                    dir_changed = true;
+                }
+            }
+            Err(HeaderError::Format(e)) if !newest && mode.skips_corruption() => {
+                report.skipped.push(DamagedRange {
+                    file: path.clone(),
+                    start: 0,
+                    end: map.bytes().len() as u64,
+                    reason: format!("segment header: {e}; the whole segment is skipped"),
+                });
+                skipped_whole = true;
+            }
+            Err(HeaderError::Format(e)) => {
+                return Err(Error::corruption(path, 0, format!("segment header: {e}")));
+            }
+            Err(HeaderError::Other(reason)) => return Err(Error::corruption(path, 0, reason)),
+        }
+    }
+
+    // 2. Segments replaced by a committed merge whose removal did not
+    // finish.
+    let merged: Vec<(u64, u64, SegmentId)> = opened
+        .iter()
+        .filter_map(|o| Some((o.header.base_position, o.stated_end()?, o.id)))
+        .collect();
+    let mut kept = Vec::with_capacity(opened.len());
+    for o in opened {
+        let lo = o.header.base_position;
+        let covered = merged.iter().any(|&(mlo, mhi, mid)| {
+            mid != o.id
+                && mlo <= lo
+                && lo < mhi
+                && match o.stated_end() {
+                    None => true,
+                    Some(hi) => hi <= mhi && ((mlo, mhi) != (lo, hi) || mid > o.id),
+                }
+        });
+        if covered {
+            report.superseded_removed += 1;
+            if !dry_run {
+                drop(o.map);
+                fs::remove_file(&o.path)
+                    .context(|| format!("remove merged-away segment {}", o.path.display()))?;
+                dir_changed = true;
+            }
+        } else {
+            kept.push(o);
+        }
+    }
+    if dir_changed && !dry_run {
+        sync_dir(dir, faults)?;
+    }
+    kept.sort_by_key(|o| (o.header.base_position, o.id));
+
+    // 3. Each segment in log order, from its hint or by scanning it.
+    let mut segments: Vec<ScannedSegment> = Vec::with_capacity(kept.len());
+    let mut unhinted = Vec::new();
+    let mut merged_end = 0u64;
+    let count = kept.len();
+    for (i, o) in kept.into_iter().enumerate() {
+        let newest = i + 1 == count && o.header.kind == SegmentKind::Log;
+        let expected_base = segments
+            .last()
+            .map(|s| s.end_position)
+            .filter(|_| !skipped_whole);
+        check_tiling(&o, expected_base, mode, &mut report)?;
+        if let Some(end) = o.stated_end() {
+            merged_end = merged_end.max(end);
+        }
+        if !newest && !dry_run {
+            match load_hint(dir, &o, &mut rebuilt) {
+                Ok(()) => {
+                    report.segments_from_hints += 1;
+                    segments.push(ScannedSegment {
+                        id: o.id,
+                        kind: o.header.kind,
+                        base_position: o.header.base_position,
+                        end_position: o.stated_end().unwrap_or(
+                            o.header.base_position + o.map.bytes().len() as u64
+                                - SEGMENT_HEADER_LEN as u64,
+                        ),
+                        end_offset: o.map.bytes().len() as u64,
+                        path: o.path,
+                        map: o.map,
+                    });
+                    continue;
+                }
+                Err(reason) => {
+                    report.hint_fallbacks.push(HintFallback {
+                        segment: o.id,
+                        reason,
+                    });
+                    unhinted.push(o.id);
+                }
+            }
+        }
+        report.segments_scanned += 1;
+        let scanned = scan_segment(
+            Scanning {
+                opened: o,
                 newest,
                 mode,
                 durable_limit: durable_limit.filter(|_| newest),
@@ -186,19 +370,10 @@ fn recover_with(
             &mut report,
             faults,
         )?;
-        match scanned {
-            Scan::Segment(s) => segments.push(s),
-            // A newest segment torn while being created holds nothing: it
-            // was removed, so the segment before it is the newest again.
-            Scan::Removed if dry_run => {}
-            Scan::Removed => sync_dir(dir, faults)?,
-            // Reported in `skipped`; the next segment's base will not match,
-            // which is the same loss and is not reported twice.
-            Scan::Skipped => skipped_previous = true,
-        }
+        segments.push(scanned);
     }
     if let Some(limit) = durable_limit {
-        let end = segments.last().map_or(0, ScannedSegment::end_position);
+        let end = segments.last().map_or(0, |s| s.end_position);
         if end > limit {
             return Err(Error::corruption(
                 marker.path(),
@@ -213,6 +388,11 @@ fn recover_with(
             marker.clear(faults)?;
         }
     }
+    if !dry_run {
+        crate::hint::remove_orphans(dir)?;
+    }
+    // The replication feed is the gapless log after the newest merged range.
+    rebuilt.changes.forget_below(merged_end);
     report.segments = ids.len();
     report.keys = rebuilt.keydir.len();
     report.duration = started.elapsed();
@@ -222,8 +402,120 @@ fn recover_with(
         applied: rebuilt.applied,
         segments,
         highest_id: ids.last().copied(),
+        unhinted,
+        tombstones: rebuilt.tombstones,
         report,
     })
+}
+
+/// Why a segment's headers did not decode.
+enum HeaderError {
+    Version(u16),
+    Format(FormatError),
+    Other(String),
+}
+
+fn read_headers(
+    bytes: &[u8],
+    id: SegmentId,
+) -> std::result::Result<(SegmentHeader, Option<MergeHeader>), HeaderError> {
+    let header = SegmentHeader::decode(bytes).map_err(|e| match e {
+        FormatError::UnsupportedVersion(v) => HeaderError::Version(v),
+        e => HeaderError::Format(e),
+    })?;
+    if header.id != id {
+        return Err(HeaderError::Other(format!(
+            "header names segment {} but the file is segment {id}",
+            header.id
+        )));
+    }
+    if header
+        .base_position
+        .checked_add(2 * u64::from(u32::MAX))
+        .is_none()
+    {
+        return Err(HeaderError::Other(format!(
+            "segment base position {} leaves no room for records",
+            header.base_position
+        )));
+    }
+    let merge = match header.kind {
+        SegmentKind::Log => None,
+        SegmentKind::Merged => {
+            let m = MergeHeader::decode(bytes).map_err(HeaderError::Format)?;
+            if m.end_position < header.base_position {
+                return Err(HeaderError::Other(format!(
+                    "merged segment covers {}..{}: its end is before its start",
+                    header.base_position, m.end_position
+                )));
+            }
+            Some(m)
+        }
+    };
+    Ok((header, merge))
+}
+
+/// Checks that a segment starts where the previous one ended.
+fn check_tiling(
+    o: &Opened,
+    expected_base: Option<u64>,
+    mode: RecoveryMode,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    let Some(expected) = expected_base else {
+        return Ok(());
+    };
+    if expected == o.header.base_position {
+        return Ok(());
+    }
+    let reason = format!(
+        "segment starts at log position {} but the previous one ends at {expected}",
+        o.header.base_position
+    );
+    if !mode.skips_corruption() {
+        return Err(Error::corruption(o.path.clone(), 0, reason));
+    }
+    // A segment file is missing (or the previous one lost its end): the
+    // records at the missing log positions are gone. Say so.
+    report.skipped.push(DamagedRange {
+        file: o.path.clone(),
+        start: 0,
+        end: 0,
+        reason: format!(
+            "{reason}: log positions {expected}..{} are missing",
+            o.header.base_position
+        ),
+    });
+    Ok(())
+}
+
+/// Applies the hint of a sealed segment, or says why it cannot be used
+/// (nothing is applied then).
+fn load_hint(dir: &Path, o: &Opened, rebuilt: &mut Rebuilt) -> std::result::Result<(), String> {
+    let bytes = crate::hint::read(dir, o.id)?;
+    let hint = Hint::decode(&bytes).map_err(|e| format!("hint damaged: {e}"))?;
+    crate::hint::matches(
+        &hint,
+        &o.header,
+        o.merge.as_ref(),
+        o.map.bytes().len() as u64,
+    )?;
+    for e in hint.entries() {
+        let pointer = RecordPointer {
+            segment: o.id,
+            offset: e.offset,
+            len: e.len,
+        };
+        rebuilt.apply(e.kind, e.key, pointer, e.expire_ts, e.change_number);
+    }
+    if o.header.kind == SegmentKind::Log {
+        for offset in hint.record_starts() {
+            let position = o.header.base_position + u64::from(offset) - SEGMENT_HEADER_LEN as u64;
+            rebuilt.changes.note(position, o.id, u64::from(offset));
+        }
+    }
+    rebuilt.applied = rebuilt.applied.max(hint.header.applied);
+    Ok(())
 }
 
 /// What the replayed records build.
@@ -232,16 +524,46 @@ struct Rebuilt {
     keydir: KeyDir,
     changes: ChangeIndex,
     applied: u64,
+    tombstones: std::collections::HashMap<SegmentId, u64>,
 }
 
-/// What became of one segment file.
-enum Scan {
-    /// Read; its records are in the index.
-    Segment(ScannedSegment),
-    /// A newest segment torn during its creation, removed.
-    Removed,
-    /// A damaged segment skipped whole (tolerant mode only).
-    Skipped,
+impl Rebuilt {
+    /// Applies every operation of the record at file offset `at` of
+    /// segment `id`.
+    fn apply_record(&mut self, id: SegmentId, at: usize, rec: &crate::format::Record<'_>) {
+        for (off, cn, op) in rec.entries() {
+            let pointer = RecordPointer {
+                segment: id,
+                offset: (at as u64 + u64::from(off)) as u32,
+                len: (OP_HEADER_LEN + op.key.len() + op.value.len()) as u32,
+            };
+            self.apply(op.kind, op.key, pointer, op.expire_ts, cn);
+        }
+    }
+
+    /// Applies one operation. Segments are applied in log order, so an
+    /// operation is newer than everything applied from earlier segments;
+    /// "highest change number wins" also orders operations of one segment.
+    fn apply(&mut self, kind: OpKind, key: &[u8], pointer: RecordPointer, expire_ts: u64, cn: u64) {
+        match kind {
+            OpKind::Put => {
+                self.keydir.insert_if_newer(
+                    key,
+                    KeyEntry {
+                        pointer,
+                        expire_ts,
+                        change_number: cn,
+                    },
+                );
+            }
+            OpKind::Delete => {
+                *self.tombstones.entry(pointer.segment).or_default() += u64::from(pointer.len);
+                if self.keydir.get(key).is_some_and(|e| e.change_number < cn) {
+                    self.keydir.remove(key);
+                }
+            }
+        }
+    }
 }
 
 /// How a damaged position is to be treated.
@@ -255,12 +577,9 @@ enum Damage {
 
 /// One segment to scan, and what is known about it.
 struct Scanning {
-    id: SegmentId,
-    path: PathBuf,
-    map: SealedSegment,
-    /// Where the previous segment's log ends, when it was read.
-    expected_base: Option<u64>,
-    /// Whether this is the newest segment (only it can have a torn tail).
+    opened: Opened,
+    /// Whether this is the newest log segment (only it can have a torn
+    /// tail).
     newest: bool,
     mode: RecoveryMode,
     /// Records ending beyond this position are cut: an fsync failed.
@@ -274,101 +593,25 @@ fn scan_segment(
     rebuilt: &mut Rebuilt,
     report: &mut RecoveryReport,
     faults: Option<&FaultInjector>,
-) -> Result<Scan> {
+) -> Result<ScannedSegment> {
     let Scanning {
-        id,
-        path,
-        map,
-        expected_base,
+        opened,
         newest,
         mode,
         durable_limit,
         dry_run,
     } = seg;
+    if let Some(merge) = opened.merge {
+        return scan_merged(opened, merge, mode, rebuilt, report);
+    }
+    let Opened {
+        id,
+        path,
+        map,
+        header,
+        ..
+    } = opened;
     let bytes = map.bytes();
-    let header = match SegmentHeader::decode(bytes) {
-        Ok(h) => h,
-        Err(FormatError::UnsupportedVersion(found)) => {
-            return Err(Error::UnsupportedVersion {
-                file: path,
-                found,
-                supported: crate::format::FORMAT_VERSION,
-            });
-        }
-        Err(e) if newest && mode.cuts_torn_tail() && !has_intact_record_anywhere(bytes) => {
-            // Crash while the segment was being created: nothing in it was
-            // ever acknowledged. Remove it.
-            let len = bytes.len() as u64;
-            drop(map);
-            report.truncated = Some(TruncatedTail {
-                file: path.clone(),
-                offset: 0,
-                bytes: len,
-                reason: format!("segment header: {e}"),
-            });
-            if !dry_run {
-                fs::remove_file(&path)
-                    .context(|| format!("remove torn segment {}", path.display()))?;
-            }
-            return Ok(Scan::Removed);
-        }
-        Err(e) if !newest && mode.skips_corruption() => {
-            report.skipped.push(DamagedRange {
-                file: path.clone(),
-                start: 0,
-                end: bytes.len() as u64,
-                reason: format!("segment header: {e}; the whole segment is skipped"),
-            });
-            return Ok(Scan::Skipped);
-        }
-        Err(e) => return Err(Error::corruption(path, 0, format!("segment header: {e}"))),
-    };
-    if header.id != id {
-        return Err(Error::corruption(
-            path,
-            0,
-            format!(
-                "header names segment {} but the file is segment {id}",
-                header.id
-            ),
-        ));
-    }
-    if header
-        .base_position
-        .checked_add(2 * u64::from(u32::MAX))
-        .is_none()
-    {
-        return Err(Error::corruption(
-            path,
-            0,
-            format!(
-                "segment base position {} leaves no room for records",
-                header.base_position
-            ),
-        ));
-    }
-    if let Some(expected) = expected_base
-        && expected != header.base_position
-    {
-        let reason = format!(
-            "segment starts at log position {} but the previous one ends at {expected}",
-            header.base_position
-        );
-        if !mode.skips_corruption() {
-            return Err(Error::corruption(path, 0, reason));
-        }
-        // A segment file is missing (or the previous one lost its end): the
-        // records at the missing log positions are gone. Say so.
-        report.skipped.push(DamagedRange {
-            file: path.clone(),
-            start: 0,
-            end: 0,
-            reason: format!(
-                "{reason}: log positions {expected}..{} are missing",
-                header.base_position
-            ),
-        });
-    }
     let base = header.base_position;
     let mut at = SEGMENT_HEADER_LEN;
     let mut cut_at = None;
@@ -386,8 +629,9 @@ fn scan_segment(
                 break;
             }
             Ok(rec)
-                if Some(rec.header.change_number)
-                    == expected_change_number(base, at, rec.header.record_len()) =>
+                if rec.header.kind == RecordKind::Batch
+                    && Some(rec.header.change_number)
+                        == expected_change_number(base, at, rec.header.record_len()) =>
             {
                 let cn = rec.header.change_number;
                 rebuilt
@@ -396,37 +640,13 @@ fn scan_segment(
                 if let Some(applied) = rec.applied {
                     rebuilt.applied = rebuilt.applied.max(applied);
                 }
-                for (off, op) in rec.ops() {
-                    let pointer = RecordPointer {
-                        segment: id,
-                        offset: (at as u64 + u64::from(off)) as u32,
-                        len: (OP_HEADER_LEN + op.key.len() + op.value.len()) as u32,
-                    };
-                    match op.kind {
-                        OpKind::Put => {
-                            rebuilt.keydir.insert_if_newer(
-                                op.key,
-                                KeyEntry {
-                                    pointer,
-                                    expire_ts: op.expire_ts,
-                                    change_number: cn,
-                                },
-                            );
-                        }
-                        OpKind::Delete => {
-                            if rebuilt
-                                .keydir
-                                .get(op.key)
-                                .is_some_and(|e| e.change_number < cn)
-                            {
-                                rebuilt.keydir.remove(op.key);
-                            }
-                        }
-                    }
-                }
+                rebuilt.apply_record(id, at, &rec);
                 report.records += 1;
                 at += rec.header.record_len() as usize;
                 continue;
+            }
+            Ok(rec) if rec.header.kind != RecordKind::Batch => {
+                "a merged record in a log segment".to_string()
             }
             Ok(_) => "change number does not match the record's position".to_string(),
             Err(e) => e.to_string(),
@@ -493,22 +713,86 @@ fn scan_segment(
                 truncate_synced(&file, &path, cut as u64, faults)?;
                 SealedSegment::open(&path)?
             };
-            return Ok(Scan::Segment(ScannedSegment {
+            return Ok(ScannedSegment {
                 id,
+                kind: SegmentKind::Log,
                 map,
                 path,
                 base_position: base,
+                end_position: base + (cut - SEGMENT_HEADER_LEN) as u64,
                 end_offset: cut as u64,
-            }));
+            });
         }
     };
-    Ok(Scan::Segment(ScannedSegment {
+    Ok(ScannedSegment {
         id,
+        kind: SegmentKind::Log,
         path,
         base_position: base,
+        end_position: base + (end_offset - SEGMENT_HEADER_LEN) as u64,
         end_offset: end_offset as u64,
         map,
-    }))
+    })
+}
+
+/// Reads a merged segment. It was fsynced before it was renamed into
+/// place, so any damage is corruption: an error, or in the tolerant mode
+/// the rest of the segment is skipped.
+fn scan_merged(
+    opened: Opened,
+    merge: MergeHeader,
+    mode: RecoveryMode,
+    rebuilt: &mut Rebuilt,
+    report: &mut RecoveryReport,
+) -> Result<ScannedSegment> {
+    let Opened {
+        id,
+        path,
+        map,
+        header,
+        ..
+    } = opened;
+    let bytes = map.bytes();
+    let (lo, hi) = (header.base_position, merge.end_position);
+    let mut at = SegmentKind::Merged.records_start().min(bytes.len());
+    while at < bytes.len() {
+        let failure = match decode_record(&bytes[at..]) {
+            Ok(rec) if rec.header.kind != RecordKind::Merged => {
+                "a log record in a merged segment".to_string()
+            }
+            Ok(rec) if rec.entries().any(|(_, cn, _)| cn <= lo || cn > hi) => {
+                format!("a change number outside the segment's range {lo}..{hi}")
+            }
+            Ok(rec) => {
+                rebuilt.apply_record(id, at, &rec);
+                report.records += 1;
+                at += rec.header.record_len() as usize;
+                continue;
+            }
+            Err(e) => e.to_string(),
+        };
+        if !mode.skips_corruption() {
+            return Err(Error::corruption(path, at as u64, failure));
+        }
+        report.skipped.push(DamagedRange {
+            file: path.clone(),
+            start: at as u64,
+            end: bytes.len() as u64,
+            reason: format!("{failure}; the rest of the merged segment is skipped"),
+        });
+        break;
+    }
+    report.bytes_read += bytes.len() as u64;
+    rebuilt.applied = rebuilt.applied.max(merge.applied);
+    Ok(ScannedSegment {
+        id,
+        kind: SegmentKind::Merged,
+        end_offset: bytes.len() as u64,
+        path,
+        base_position: lo,
+        end_position: hi,
+        map,
+    })
 }
 
 /// The change number a record of `len` bytes at file offset `at` must carry.

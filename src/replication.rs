@@ -74,18 +74,27 @@ impl ChangeIndex {
         }
     }
 
+    /// The kept record starts of `segment`: (log position, file offset).
+    pub(crate) fn starts_in(
+        &self,
+        segment: SegmentId,
+    ) -> impl Iterator<Item = (u64, u64)> + use<'_> {
+        self.starts
+            .iter()
+            .filter(move |(_, (s, _))| *s == segment)
+            .map(|(&p, &(_, o))| (p, o))
+    }
+
+    /// Stops serving every record that starts below `position` (merged
+    /// away, or older than a merged range: the feed is a gapless suffix).
+    pub(crate) fn forget_below(&mut self, position: u64) {
+        self.starts = self.starts.split_off(&position);
+    }
+
     /// The oldest change number the log holds (its first record's start
     /// plus one), if any record exists.
     pub(crate) fn oldest(&self) -> Option<u64> {
         self.starts.keys().next().map(|s| s + 1)
-    }
-
-    /// Log position of the first record of `segment`, if indexed.
-    pub(crate) fn first_in(&self, segment: SegmentId) -> Option<u64> {
-        self.starts
-            .iter()
-            .find(|(_, (s, _))| *s == segment)
-            .map(|(&p, _)| p)
     }
 
     /// The indexed record start at or before the record holding `number`.
@@ -173,6 +182,9 @@ fn change_ops(change: &ChangeRecord) -> Result<Vec<ChangeOp>> {
             decode_record(form).map_err(|e| invalid(cn, format!("serialised form: {e}")))?;
         if record.bytes().len() != form.len() {
             return Err(invalid(cn, "serialised form has bytes after its record"));
+        }
+        if record.header.kind != crate::format::RecordKind::Batch {
+            return Err(invalid(cn, "serialised form is not a log record"));
         }
         let count = u64::from(record.header.op_count.max(1));
         if count != u64::from(change.number_of_trxns.max(1)) {
@@ -286,7 +298,14 @@ impl Store {
             let state = self.inner.state.read();
             state.check_open()?;
             let Some(oldest) = state.changes.oldest() else {
-                return Ok(Vec::new());
+                // Every record up to `durable` was merged away.
+                if from == 0 {
+                    return Ok(Vec::new());
+                }
+                return Err(Error::ChangesCompacted {
+                    requested: from,
+                    oldest_available: durable + 1,
+                });
             };
             let from = if from == 0 { oldest } else { from };
             if from < oldest {
@@ -299,9 +318,17 @@ impl Store {
                 requested: from,
                 oldest_available: oldest,
             })?;
+            // Only log segments hold the feed; merged ones (whose ids
+            // interleave) cover older positions.
             let readers: Vec<(SegmentId, Arc<SegmentReader>)> = state
                 .segments
                 .range(start.1..)
+                .filter(|(id, _)| {
+                    state
+                        .usage
+                        .get(id)
+                        .is_some_and(|u| u.kind == crate::format::SegmentKind::Log)
+                })
                 .map(|(&id, r)| (id, Arc::clone(r)))
                 .collect();
             (from, start, readers)
@@ -441,27 +468,39 @@ impl Store {
     /// what the byte rule, the age rule (by segment modification times) and
     /// the pins ask for.
     pub fn retained_from(&self) -> Result<u64> {
-        self.inner.check_open()?;
-        let retention = &self.inner.options.retention;
-        let durable = self.inner.commit.durable();
+        self.inner.retained_from()
+    }
+}
+
+impl crate::store::Inner {
+    /// See [`Store::retained_from`].
+    pub(crate) fn retained_from(&self) -> Result<u64> {
+        self.check_open()?;
+        let retention = &self.options.retention;
+        let durable = self.commit.durable();
         let mut floor = durable.saturating_sub(retention.bytes) + 1;
         if retention.honour_pins
-            && let Some(&pin) = self.inner.pins.lock().values().min()
+            && let Some(&pin) = self.pins.lock().values().min()
         {
             floor = floor.min(pin);
         }
         let cutoff = std::time::SystemTime::now()
             .checked_sub(retention.age)
             .unwrap_or(std::time::UNIX_EPOCH);
-        let state = self.inner.state.read();
+        let state = self.state.read();
         state.check_open()?;
-        for (id, _) in state.segments.iter() {
-            let recent = std::fs::metadata(id.path_in(&self.inner.dir))
+        let mut logs: Vec<_> = state
+            .usage
+            .iter()
+            .filter(|(_, u)| u.kind == crate::format::SegmentKind::Log)
+            .collect();
+        logs.sort_by_key(|(_, u)| u.base);
+        for (id, u) in logs {
+            let recent = std::fs::metadata(id.path_in(&self.dir))
                 .and_then(|m| m.modified())
                 .map_or(true, |t| t >= cutoff);
             if recent {
-                let first = state.changes.first_in(*id).map_or(durable + 1, |p| p + 1);
-                floor = floor.min(first);
+                floor = floor.min(u.base + 1);
                 break;
             }
         }

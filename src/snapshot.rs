@@ -194,7 +194,9 @@ impl Read for SnapshotReader {
 
 impl Drop for SnapshotReader {
     fn drop(&mut self) {
-        self.inner.state.write().views.remove(&self.view);
+        let mut state = self.inner.state.write();
+        state.views.remove(&self.view);
+        state.release_retired();
     }
 }
 

@@ -13,6 +13,7 @@
 //!
 //! Readers never wait for an `fdatasync`: syncs run with no lock held.
 
+pub(crate) mod usage;
 mod write;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -27,7 +28,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, decode_op};
+use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, SegmentKind, decode_op};
 use crate::iter::{Iter, IterationOptions};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
@@ -38,6 +39,8 @@ use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
 use crate::recovery::{self, RecoveryReport};
 use crate::replication::ChangeIndex;
 use crate::serverpb::{CompareAndSetRequest, KvPair};
+pub(crate) use usage::Usage;
+pub use usage::{SegmentStats, StoreStats};
 use write::WriteQueue;
 pub(crate) use write::{OpMeta, WriteKind, WriteOp};
 
@@ -129,6 +132,21 @@ pub(crate) struct Inner {
     pub(crate) report: RecoveryReport,
     /// The interval syncer, when `SyncMode::Interval`.
     syncer: Mutex<Option<Syncer>>,
+    /// Held by a running merge; taken by whatever replaces the folder's
+    /// contents (restore, snapshot load) and by close, after setting
+    /// `merge_abort`, so that no merge outlives the files it reads.
+    pub(crate) merge_lock: Mutex<()>,
+    /// Asks a running merge to stop at its next block.
+    pub(crate) merge_abort: AtomicBool,
+    /// The background merge thread, when `MergeOptions::automatic`.
+    merger: Mutex<Option<crate::merge::Merger>>,
+    /// Background jobs (hint files) that close waits for.
+    background: Mutex<Vec<JoinHandle<()>>>,
+    /// Raised each time the folder's contents are replaced in place, so a
+    /// background job started before does not write into the new contents.
+    pub(crate) generation: Arc<AtomicU64>,
+    /// Background merges that failed (retried at the next check).
+    pub(crate) merge_failures: AtomicU64,
 }
 
 struct Writer {
@@ -155,11 +173,25 @@ pub(crate) struct State {
     /// Id of the next snapshot view.
     pub(crate) next_view: u64,
     pub(crate) segments: BTreeMap<SegmentId, Arc<SegmentReader>>,
+    /// What each segment in `segments` holds (kind, range, live bytes).
+    pub(crate) usage: BTreeMap<SegmentId, Usage>,
+    /// Segments merged away while snapshots were open: kept readable for
+    /// the views opened before (ids below `before_view`).
+    pub(crate) retired: Vec<Retired>,
     /// Sparse index from change numbers to records.
     pub(crate) changes: ChangeIndex,
+    /// Merges completed since open, and the bytes they gave back.
+    pub(crate) merges: (u64, u64),
     /// Set by `close` with the index emptied: readers that got the lock
     /// after it report `Closed` rather than an empty store.
     closed: bool,
+}
+
+/// A merged-away segment that open snapshots may still read.
+pub(crate) struct Retired {
+    pub(crate) before_view: u64,
+    pub(crate) id: SegmentId,
+    pub(crate) reader: Arc<SegmentReader>,
 }
 
 /// What an open snapshot needs: the point it stands at, and the version
@@ -179,12 +211,18 @@ impl State {
         let old = match entry {
             Some(e) => {
                 self.live_bytes += u64::from(e.pointer.len);
+                if let Some(u) = self.usage.get_mut(&e.pointer.segment) {
+                    u.add(&e);
+                }
                 self.keydir.insert(key, e)
             }
             None => self.keydir.remove(key),
         };
         if let Some(old) = old {
             self.live_bytes = self.live_bytes.saturating_sub(u64::from(old.pointer.len));
+            if let Some(u) = self.usage.get_mut(&old.pointer.segment) {
+                u.remove(&old);
+            }
         }
         if let Some(old) = old
             && !self.views.is_empty()
@@ -194,6 +232,46 @@ impl State {
                     view.preserved.insert(key.to_vec(), old);
                 }
             }
+        }
+    }
+
+    /// Counts a delete operation of `len` bytes written to `segment`.
+    pub(crate) fn note_tombstone(&mut self, segment: SegmentId, len: u32) {
+        if let Some(u) = self.usage.get_mut(&segment) {
+            u.tombstones += u64::from(len);
+        }
+    }
+
+    /// Points `key` at `to` if it still points at `from` (a merge moved
+    /// the operation; the entry's change number and expiry stay). Returns
+    /// whether it did; snapshots need nothing kept, the value is the same.
+    pub(crate) fn relocate(&mut self, key: &[u8], from: RecordPointer, to: RecordPointer) -> bool {
+        let Some(mut e) = self.keydir.get(key).filter(|e| e.pointer == from) else {
+            return false;
+        };
+        if let Some(u) = self.usage.get_mut(&from.segment) {
+            u.remove(&e);
+        }
+        e.pointer = to;
+        if let Some(u) = self.usage.get_mut(&to.segment) {
+            u.add(&e);
+        }
+        self.keydir.insert(key, e);
+        true
+    }
+
+    /// Drops retired segments that no open snapshot can read any more.
+    pub(crate) fn release_retired(&mut self) {
+        let oldest_view = self.views.keys().next().copied();
+        self.retired
+            .retain(|r| oldest_view.is_some_and(|v| v < r.before_view));
+    }
+
+    /// The reader of segment `id`, retired ones included.
+    fn reader(&self, id: SegmentId) -> Option<&SegmentReader> {
+        match self.segments.get(&id) {
+            Some(r) => Some(r),
+            None => self.retired.iter().find(|r| r.id == id).map(|r| &*r.reader),
         }
     }
 
@@ -215,6 +293,21 @@ pub(crate) enum SegmentReader {
 }
 
 impl SegmentReader {
+    /// Marks a sealed segment merged away (see `SealedSegment::retire`).
+    pub(crate) fn retire(&self) {
+        if let SegmentReader::Sealed(s) = self {
+            s.retire();
+        }
+    }
+
+    /// A sealed segment's whole file.
+    pub(crate) fn sealed_bytes(&self) -> Option<&[u8]> {
+        match self {
+            SegmentReader::Sealed(s) => Some(s.bytes()),
+            SegmentReader::Active(..) => None,
+        }
+    }
+
     fn active(segment: &ActiveSegment) -> Arc<Self> {
         Arc::new(SegmentReader::Active(
             Arc::clone(&segment.file),
@@ -295,6 +388,9 @@ struct Assembled {
     live_bytes: u64,
     active: ActiveSegment,
     segments: BTreeMap<SegmentId, Arc<SegmentReader>>,
+    usage: BTreeMap<SegmentId, Usage>,
+    /// Sealed segments without a usable hint file.
+    unhinted: Vec<SegmentId>,
     keydir: KeyDir,
     changes: ChangeIndex,
     applied: u64,
@@ -312,12 +408,17 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
         .map_or(Some(SegmentId(1)), SegmentId::next)
         .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
     let mut segments = BTreeMap::new();
+    let mut usage = BTreeMap::new();
     let mut scanned = recovered.segments;
-    let active = match scanned.pop() {
+    let mut unhinted = recovered.unhinted;
+    let active = match scanned.pop_if(|s| s.kind == SegmentKind::Log) {
         Some(last) => {
             let id = last.id;
             let (path, base, end) = (last.path.clone(), last.base_position, last.end_offset);
             drop(last);
+            // Appended to from now on: its hint (if any) will be stale.
+            let _ = fs::remove_file(id.hint_path_in(dir));
+            unhinted.retain(|&u| u != id);
             ActiveSegment::reopen(
                 &path,
                 id,
@@ -331,16 +432,34 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
         None => ActiveSegment::create(
             dir,
             next_segment,
-            0,
+            scanned.last().map_or(0, |s| s.end_position),
             options.segment_size,
             options.preallocate,
             faults,
         )?,
     };
     for s in scanned {
+        usage.insert(
+            s.id,
+            Usage::new(s.kind, s.base_position, s.end_position, s.end_offset),
+        );
         segments.insert(s.id, Arc::new(SegmentReader::Sealed(s.map)));
     }
+    usage.insert(
+        active.id,
+        Usage::new(
+            SegmentKind::Log,
+            active.base_position,
+            active.position(),
+            active.offset,
+        ),
+    );
     segments.insert(active.id, SegmentReader::active(&active));
+    for (id, bytes) in &recovered.tombstones {
+        if let Some(u) = usage.get_mut(id) {
+            u.tombstones = *bytes;
+        }
+    }
     // A segment adopted as active may come from a rollover that crashed
     // before its folder was synced: make its directory entry durable before
     // anything is acknowledged in it.
@@ -349,12 +468,17 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
     let mut live_bytes = 0u64;
     recovered.keydir.scan_from(&[], false, |_, e| {
         live_bytes += u64::from(e.pointer.len);
+        if let Some(u) = usage.get_mut(&e.pointer.segment) {
+            u.add(&e);
+        }
         true
     });
     Ok(Assembled {
         live_bytes,
         active,
         segments,
+        usage,
+        unhinted,
         keydir: recovered.keydir,
         changes: recovered.changes,
         applied: recovered.applied,
@@ -411,7 +535,10 @@ impl Store {
                 next_view: 0,
                 keydir: a.keydir,
                 segments: a.segments,
+                usage: a.usage,
+                retired: Vec::new(),
                 changes: a.changes,
+                merges: (0, 0),
                 closed: false,
             }),
             commit,
@@ -428,7 +555,17 @@ impl Store {
             closed: AtomicBool::new(false),
             report: a.report,
             syncer: Mutex::new(None),
+            merge_lock: Mutex::new(()),
+            merge_abort: AtomicBool::new(false),
+            merger: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
+            generation: Arc::new(AtomicU64::new(0)),
+            merge_failures: AtomicU64::new(0),
         });
+        inner.write_hints(a.unhinted);
+        if inner.options.merge.automatic {
+            *inner.merger.lock() = Some(crate::merge::Merger::start(Arc::downgrade(&inner)));
+        }
         if let SyncMode::Interval(every) = inner.options.sync_mode {
             *inner.syncer.lock() = Some(Syncer::start(Arc::downgrade(&inner), every));
         }
@@ -581,20 +718,90 @@ impl Inner {
             }
             let sealed = SealedSegment::open(&w.active.path)?;
             self.commit.switch_file(Arc::clone(&new.file), end);
+            let sealed = Arc::new(SegmentReader::Sealed(sealed));
             let mut state = self.state.write();
-            state
-                .segments
-                .insert(w.active.id, Arc::new(SegmentReader::Sealed(sealed)));
+            state.segments.insert(w.active.id, Arc::clone(&sealed));
+            if let Some(u) = state.usage.get_mut(&w.active.id) {
+                u.end = end;
+                u.bytes = w.active.offset;
+            }
             state.segments.insert(new.id, SegmentReader::active(&new));
+            state
+                .usage
+                .insert(new.id, Usage::new(SegmentKind::Log, end, end, new.offset));
             drop(state);
+            self.write_hint_of(w.active.id, sealed);
             w.active = new;
             w.next_segment = after;
+            if let Some(m) = &*self.merger.lock() {
+                m.wake();
+            }
             Ok(())
         })();
         if let Err(e) = &result {
             self.commit.poison(e.chain());
         }
         result
+    }
+
+    /// Writes, in the background, the hint files of sealed segments that
+    /// have none (found at open).
+    fn write_hints(&self, ids: Vec<SegmentId>) {
+        if ids.is_empty() {
+            return;
+        }
+        let readers: Vec<_> = {
+            let state = self.state.read();
+            ids.iter()
+                .filter_map(|id| Some((*id, Arc::clone(state.segments.get(id)?))))
+                .collect()
+        };
+        for (id, reader) in readers {
+            self.write_hint_of(id, reader);
+        }
+    }
+
+    /// Writes the hint file of sealed segment `id` in the background. A
+    /// failure only means the segment is scanned at the next open.
+    pub(crate) fn write_hint_of(&self, id: SegmentId, reader: Arc<SegmentReader>) {
+        let dir = self.dir.clone();
+        let generation = self.generation.load(Ordering::Acquire);
+        let current = Arc::clone(&self.generation);
+        let job = std::thread::Builder::new()
+            .name("dkv-cask-hint".into())
+            .spawn(move || {
+                let Some(bytes) = reader.sealed_bytes() else {
+                    return;
+                };
+                if let Some(hint) = crate::hint::build(bytes)
+                    && current.load(Ordering::Acquire) == generation
+                {
+                    let _ = crate::hint::write(&dir, id, &hint);
+                }
+            });
+        if let Ok(handle) = job {
+            let mut jobs = self.background.lock();
+            jobs.retain(|h| !h.is_finished());
+            jobs.push(handle);
+        }
+    }
+
+    /// Waits for the background jobs started so far.
+    fn join_background(&self) {
+        let jobs = std::mem::take(&mut *self.background.lock());
+        for job in jobs {
+            let _ = job.join();
+        }
+    }
+
+    /// Takes the next segment id (for a merge's output).
+    pub(crate) fn allocate_segment_id(&self) -> Result<SegmentId> {
+        let mut w = self.writer.lock();
+        let id = w.next_segment;
+        w.next_segment = id
+            .next()
+            .ok_or_else(|| Error::InvalidOptions("segment ids are exhausted".into()))?;
+        Ok(id)
     }
 
     pub(crate) fn check_batch_size(&self, builder: &RecordBuilder) -> Result<()> {
@@ -617,6 +824,11 @@ impl Inner {
         if let Some(s) = self.syncer.lock().take() {
             s.stop();
         }
+        self.merge_abort.store(true, Ordering::Release);
+        let _merging = self.merge_lock.lock();
+        self.merge_abort.store(false, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.join_background();
         let result = (|| -> Result<()> {
             let mut w = self.writer.lock();
             self.check_open()?;
@@ -636,11 +848,14 @@ impl Inner {
                 state.keydir = a.keydir;
                 state.live_bytes = a.live_bytes;
                 state.segments = a.segments;
+                state.usage = a.usage;
+                state.retired.clear();
                 state.changes = a.changes;
                 state.published = position;
                 // Open snapshots of the old contents read nothing more.
                 state.views.clear();
             }
+            self.write_hints(a.unhinted);
             w.active = a.active;
             w.next_segment = a.next_segment;
             w.buffer.clear();
@@ -660,7 +875,10 @@ impl Inner {
     /// the writer lock meanwhile: a sync, a truncate and the rename of the
     /// prepared spare segment. Returns the log position everything sealed
     /// ends at, and the sealed segments' ids and paths, oldest first.
-    pub(crate) fn seal_active(&self) -> Result<(u64, Vec<(SegmentId, PathBuf)>)> {
+    #[expect(clippy::type_complexity, reason = "one private caller")]
+    pub(crate) fn seal_active(
+        &self,
+    ) -> Result<(u64, Vec<(SegmentId, PathBuf, Arc<SegmentReader>)>)> {
         let mut w = self.writer.lock();
         self.check_open()?;
         if let Some(cause) = self.commit.poisoned() {
@@ -671,12 +889,15 @@ impl Inner {
         }
         let end = w.active.base_position;
         let state = self.state.read();
-        let sealed = state
+        // In log order: the last one is the newest log segment, the one a
+        // restored store appends to.
+        let mut sealed: Vec<_> = state
             .segments
             .iter()
             .filter(|&(&id, r)| id != w.active.id && matches!(**r, SegmentReader::Sealed(_)))
-            .map(|(&id, _)| (id, id.path_in(&self.dir)))
+            .map(|(&id, r)| (id, id.path_in(&self.dir), Arc::clone(r)))
             .collect();
+        sealed.sort_by_key(|(id, ..)| state.usage.get(id).map(|u| (u.base, u.end)));
         Ok((end, sealed))
     }
 
@@ -769,6 +990,12 @@ impl Inner {
         if let Some(s) = self.syncer.lock().take() {
             s.stop();
         }
+        self.merge_abort.store(true, Ordering::Release);
+        if let Some(m) = self.merger.lock().take() {
+            m.stop();
+        }
+        let merging = self.merge_lock.lock();
+        self.join_background();
         let result = {
             let mut w = self.writer.lock();
             if self.closed.swap(true, Ordering::AcqRel) {
@@ -787,7 +1014,10 @@ impl Inner {
             state.closed = true;
             state.keydir = KeyDir::new();
             state.segments.clear();
+            state.usage.clear();
+            state.retired.clear();
         }
+        drop(merging);
         if let Some(m) = self.metrics.lock().take() {
             m.unregister();
         }
@@ -809,7 +1039,7 @@ impl State {
     ) -> Result<(&'a [u8], u64)> {
         let offset = u64::from(pointer.offset);
         let len = pointer.len as usize;
-        let bytes: &[u8] = match self.segments.get(&pointer.segment).map(|r| &**r) {
+        let bytes: &[u8] = match self.reader(pointer.segment) {
             Some(SegmentReader::Sealed(s)) => s
                 .bytes()
                 .get(offset as usize..offset as usize + len)

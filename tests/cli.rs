@@ -252,7 +252,7 @@ fn json_output_parses_back_for_get_scan_cas_info_and_verify() {
     assert_eq!(cas[0]["swapped"], true);
     let info = parse(stdout(&dkv(&db, &["--json", "info"])));
     assert_eq!(info[0]["keys"], 2);
-    assert_eq!(info[0]["format_version"], 1);
+    assert_eq!(info[0]["format_version"], 2);
     assert!(info[0]["last_change_number"].as_u64().unwrap() > 0);
     let verify = parse(stdout(&dkv(&db, &["--json", "verify"])));
     assert_eq!(verify[0]["damaged"].as_array().unwrap().len(), 0);

@@ -75,6 +75,9 @@ fn flip_in_copy(
     extent: &Extent,
 ) -> (tempfile::TempDir, std::path::PathBuf, u64) {
     let image = copy_store(src);
+    // Without hints, open reads every sealed record (with them, damage is
+    // found by the read that meets it, and by `verify`: see below).
+    remove_hints(image.path());
     let file = same_file_in(&extent.file, image.path());
     let offset = extent.start + rng.below(extent.end - extent.start);
     flip_bit(&file, offset, rng.below(8) as u8);
@@ -268,7 +271,7 @@ fn a_segment_header_with_another_format_version_is_an_unsupported_version_in_eve
     let (dir, _) = store_with_segments(&mut rng, 3);
     let files = segment_files(dir.path());
     for victim in [&files[0], files.last().expect("segment")] {
-        for version in [0u16, 2, u16::MAX] {
+        for version in [0u16, 3, u16::MAX] {
             let image = copy_store(dir.path());
             let file = same_file_in(victim, image.path());
             let mut header = fs::read(&file).expect("read")[..32].to_vec();
@@ -283,7 +286,10 @@ fn a_segment_header_with_another_format_version_is_an_unsupported_version_in_eve
                         found,
                         supported,
                     }) => {
-                        assert_eq!((f, found, supported), (file.clone(), version, 1));
+                        assert_eq!(
+                            (f, found, supported),
+                            (file.clone(), version, dkv_cask::format::FORMAT_VERSION)
+                        );
                     }
                     Err(e) => panic!("version {version}, {mode:?}: wrong error {e}"),
                     Ok(_) => panic!("version {version}, {mode:?}: opened"),

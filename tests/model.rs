@@ -1,6 +1,8 @@
 //! Model-based property test: random sequences of puts, batch puts,
-//! deletes, compare-and-sets, gets, iterations, clock moves and
-//! close-and-reopen, checked step by step against a `BTreeMap`.
+//! deletes, compare-and-sets, gets, iterations, clock moves, merges (all,
+//! or a chosen run of adjacent segments, or all and then a reopen, with
+//! background merging at random thresholds) and close-and-reopen, checked
+//! step by step against a `BTreeMap`.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use dkv_cask::serverpb::{CompareAndSetRequest, KvPair};
-use dkv_cask::{Clock, IterationOptions, KvStore, Options, Store};
+use dkv_cask::{Clock, IterationOptions, KvStore, MergeOptions, Options, Retention, Store};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -22,6 +24,10 @@ enum Op {
     Iterate(Vec<u8>, Vec<u8>),
     AdvanceClock(u64),
     Reopen,
+    Merge,
+    /// Merges `len` adjacent sealed segments starting at the `at`-th.
+    MergeRun(usize, usize),
+    MergeAndReopen,
 }
 
 fn key() -> impl Strategy<Value = Vec<u8>> {
@@ -55,6 +61,9 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(p, s)| Op::Iterate(p, s)),
         1 => (0u64..10).prop_map(Op::AdvanceClock),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Merge),
+        1 => (0usize..8, 1usize..4).prop_map(|(a, l)| Op::MergeRun(a, l)),
+        1 => Just(Op::MergeAndReopen),
     ]
 }
 
@@ -68,21 +77,34 @@ impl Model {
     }
 }
 
-fn options(clock: &Clock) -> Options {
+fn options(clock: &Clock, dead_ratio: f64) -> Options {
     Options {
         segment_size: 8 << 10,
         max_batch_bytes: 6 << 10,
         clock: clock.clone(),
+        // Nothing kept for followers: every sealed segment may be merged.
+        retention: Retention {
+            bytes: 0,
+            age: std::time::Duration::ZERO,
+            honour_pins: false,
+        },
+        merge: MergeOptions {
+            automatic: true,
+            dead_ratio,
+            check_interval: std::time::Duration::from_millis(2),
+            ..MergeOptions::default()
+        },
         ..test_options()
     }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, dead_ratio: f64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(START);
     let Clock::Manual(time) = &clock else {
         unreachable!()
     };
+    let options = |clock: &Clock| options(clock, dead_ratio);
     let mut store = Store::open(dir.path(), options(&clock)).unwrap();
     let mut model = Model {
         map: BTreeMap::new(),
@@ -165,6 +187,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 store.close().unwrap();
                 store = Store::open(dir.path(), options(&clock)).unwrap();
             }
+            Op::Merge => {
+                store.merge().unwrap();
+            }
+            Op::MergeRun(at, len) => {
+                let sealed = sealed_ids(&store);
+                if let Some(run) = sealed.get(at..(at + len).min(sealed.len()))
+                    && !run.is_empty()
+                {
+                    store.merge_segments(run, &mut |_| true).unwrap();
+                }
+            }
+            Op::MergeAndReopen => {
+                store.merge().unwrap();
+                store.close().unwrap();
+                store = Store::open(dir.path(), options(&clock)).unwrap();
+            }
         }
     }
     // Whatever happened, a final reopen shows the model's live state.
@@ -185,7 +223,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_store_agrees_with_a_btreemap_model_through_every_step(ops in prop::collection::vec(op(), 1..80)) {
-        run(ops)?;
+    fn the_store_agrees_with_a_btreemap_model_through_every_step(
+        ops in prop::collection::vec(op(), 1..80),
+        dead_ratio in 0.05f64..1.0,
+    ) {
+        run(ops, dead_ratio)?;
     }
 }

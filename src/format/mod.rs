@@ -1,17 +1,27 @@
-//! The on-disk format, version 1: segment headers and records. This is the
+//! The on-disk format, version 2: segment headers, records, merged
+//! records and hint files. This is the
 //! only code that knows byte offsets; everything else calls these encoders and
 //! decoders. Decoders are total: they check every length against what remains
 //! and return a [`FormatError`], never panic. See DESIGN.md for the diagrams.
 
+mod hint;
 mod record;
 mod segment;
 pub mod snapshot;
 
-pub use record::{
-    APPLIED_LEN, FLAG_APPLIED, OP_HEADER_LEN, Op, OpIter, OpKind, RECORD_HEADER_LEN, Record,
-    RecordBuilder, RecordHeader, RecordKind, decode_header, decode_op, decode_record,
+pub use hint::{
+    HINT_ENTRY_LEN, HINT_HEADER_LEN, HINT_MAGIC, HINT_VERSION, Hint, HintBuilder, HintEntry,
+    HintHeader,
 };
-pub use segment::{FORMAT_VERSION, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SegmentHeader, SegmentKind};
+pub use record::{
+    APPLIED_LEN, FLAG_APPLIED, MERGED_CN_LEN, MergedBuilder, OP_HEADER_LEN, Op, OpIter, OpKind,
+    RECORD_HEADER_LEN, Record, RecordBuilder, RecordHeader, RecordKind, decode_header, decode_op,
+    decode_record, op_key,
+};
+pub use segment::{
+    FORMAT_VERSION, MERGE_HEADER_LEN, MIN_FORMAT_VERSION, MergeHeader, SEGMENT_HEADER_LEN,
+    SEGMENT_MAGIC, SegmentHeader, SegmentKind,
+};
 
 /// Why bytes failed to decode. Callers attach the file and offset.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -28,6 +28,8 @@ pub(crate) enum IoPoint {
     Truncate,
     /// `fsync` of the store directory.
     SyncDir,
+    /// Writing a merge's output.
+    MergeWrite,
 }
 
 const DISARMED: u64 = u64::MAX;

@@ -8,45 +8,71 @@
 //! writable maps.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
 use crate::error::{IoContext, Result};
 
 /// A sealed segment mapped read-only into memory.
+///
+/// Once [`retire`](Self::retire)d (merged away), the file is unlinked when
+/// the last holder of the map drops it, so readers that still hold it (a
+/// replication read, a snapshot, a backup linking it) finish first.
 #[derive(Debug)]
 pub(crate) struct SealedSegment {
     map: Option<Mmap>,
     path: PathBuf,
+    /// Device and inode of the mapped file, so that a retired segment never
+    /// unlinks another file that took its name (after a restore).
+    identity: (u64, u64),
+    retired: AtomicBool,
 }
 
 impl SealedSegment {
-    /// Maps the whole file at `path` read-only.
+    /// Maps the whole file at `path` read-only, reading it all into memory
+    /// now (a segment just written, whose pages are cached).
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        Self::open_prefix(path, None)
+        Self::open_with(path, None, true)
     }
 
-    /// Maps the first `len` bytes of the file at `path` (the whole file when
-    /// `None`) read-only. A prefix map stays valid when the file is later
-    /// truncated to that length.
-    pub(crate) fn open_prefix(path: &Path, len: Option<u64>) -> Result<Self> {
+    /// Maps the whole file at `path` read-only without reading it: pages are
+    /// faulted in by the reads that need them (segments loaded from hints,
+    /// where reading every value at open would defeat the hint).
+    pub(crate) fn open_lazy(path: &Path) -> Result<Self> {
+        Self::open_with(path, None, false)
+    }
+
+    fn open_with(path: &Path, len: Option<u64>, populate: bool) -> Result<Self> {
         let file = File::open(path).context(|| format!("open segment {}", path.display()))?;
-        let file_len = file
+        let meta = file
             .metadata()
-            .context(|| format!("stat segment {}", path.display()))?
-            .len();
+            .context(|| format!("stat segment {}", path.display()))?;
+        let file_len = meta.len();
         let len = len.map_or(file_len, |l| l.min(file_len));
         let map = if len == 0 {
             None
         } else {
-            Some(map_read_only(&file, len).context(|| format!("map segment {}", path.display()))?)
+            Some(
+                map_read_only(&file, len, populate)
+                    .context(|| format!("map segment {}", path.display()))?,
+            )
         };
         Ok(SealedSegment {
             map,
             path: path.to_path_buf(),
+            identity: (meta.dev(), meta.ino()),
+            retired: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the segment merged away: its file (and its hint) are removed
+    /// when the last holder drops the map. A crash before then leaves a
+    /// superseded file that the next open removes.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
     }
 
     /// The segment's bytes.
@@ -60,8 +86,23 @@ impl SealedSegment {
     }
 }
 
+impl Drop for SealedSegment {
+    fn drop(&mut self) {
+        if !self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if same {
+            // Best effort: a failure leaves a superseded file that the next
+            // open removes.
+            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(self.path.with_extension(super::HINT_EXTENSION));
+        }
+    }
+}
+
 #[expect(unsafe_code, reason = "memmap2 cannot prove the file is not modified")]
-fn map_read_only(file: &File, len: u64) -> std::io::Result<Mmap> {
+fn map_read_only(file: &File, len: u64, populate: bool) -> std::io::Result<Mmap> {
     let len = usize::try_from(len).map_err(std::io::Error::other)?;
     // SAFETY: the mapped file is a sealed segment (or the sealed prefix of
     // one). The engine never writes, truncates below `len` or extends into
@@ -73,7 +114,12 @@ fn map_read_only(file: &File, len: u64) -> std::io::Result<Mmap> {
     // there, and every read verifies a checksum.
     // Populating the map up front (MAP_POPULATE) moves page faults from the
     // read path to open and rollover.
-    unsafe { MmapOptions::new().len(len).populate().map(file) }
+    let mut options = MmapOptions::new();
+    options.len(len);
+    if populate {
+        options.populate();
+    }
+    unsafe { options.map(file) }
 }
 
 /// A read-only map of the active segment, readable below its published

@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use fault::{FaultInjector, InjectedError};
+pub(crate) use fault::{IoPoint, check as check_fault};
 pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
 pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
 pub(crate) use mmap::{ActiveMap, SealedSegment};
@@ -20,6 +21,11 @@ pub(crate) use writer::{ActiveSegment, GroupCommit, Spare};
 
 /// Extension of segment files.
 pub const SEGMENT_EXTENSION: &str = "seg";
+/// Extension of hint files (`0000000007.hint` describes `0000000007.seg`).
+pub const HINT_EXTENSION: &str = "hint";
+/// Extension of a merge's output while it is written; recovery removes
+/// such files (a merge that had not committed).
+pub const MERGING_EXTENSION: &str = "merging";
 
 /// Identifies a segment file; ids grow with every new segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,6 +45,16 @@ impl SegmentId {
     /// The segment's path inside `dir`.
     pub fn path_in(self, dir: &Path) -> PathBuf {
         dir.join(self.file_name())
+    }
+
+    /// The path of the segment's hint file inside `dir`.
+    pub fn hint_path_in(self, dir: &Path) -> PathBuf {
+        dir.join(format!("{:010}.{HINT_EXTENSION}", self.0))
+    }
+
+    /// The path a merge writes this segment at before committing it.
+    pub fn merging_path_in(self, dir: &Path) -> PathBuf {
+        dir.join(format!("{:010}.{MERGING_EXTENSION}", self.0))
     }
 
     /// Parses a segment file name; `None` for any other file.

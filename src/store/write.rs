@@ -432,6 +432,9 @@ impl Inner {
                     expire_ts: m.expire_ts,
                     change_number: a.change_number,
                 });
+                if m.delete {
+                    state.note_tombstone(a.segment, m.len);
+                }
                 state.set(m.key(bytes), entry);
             }
             state.published = state.published.max(a.change_number);

@@ -276,6 +276,17 @@ pub fn copy_store(src: &Path) -> tempfile::TempDir {
     dst
 }
 
+/// Removes the hint files of the store in `dir`, so that its next open
+/// reads and verifies every segment.
+pub fn remove_hints(dir: &Path) {
+    for entry in fs::read_dir(dir).expect("list store folder") {
+        let path = entry.expect("list store folder").path();
+        if path.extension().is_some_and(|e| e == "hint") {
+            fs::remove_file(&path).expect("remove hint");
+        }
+    }
+}
+
 /// The same file name in another folder.
 pub fn same_file_in(path: &Path, dir: &Path) -> PathBuf {
     dir.join(path.file_name().expect("file name"))

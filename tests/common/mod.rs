@@ -151,3 +151,27 @@ pub fn manual_clock(now: u64) -> (dkv_cask::Clock, ClockHandle) {
     let handle = std::sync::Arc::clone(seconds);
     (clock, handle)
 }
+
+/// The ids of the store's sealed segments, in log order.
+pub fn sealed_ids(store: &Store) -> Vec<dkv_cask::SegmentId> {
+    store
+        .stats()
+        .expect("stats")
+        .segments
+        .into_iter()
+        .filter(|s| !s.active)
+        .map(|s| s.id)
+        .collect()
+}
+
+/// The id of the store's active segment.
+pub fn active_id(store: &Store) -> dkv_cask::SegmentId {
+    store
+        .stats()
+        .expect("stats")
+        .segments
+        .into_iter()
+        .find(|s| s.active)
+        .expect("an active segment")
+        .id
+}

@@ -1,0 +1,563 @@
+//! Merge and hint files: space given back, the keyspace unchanged through
+//! merges, crashes at every merge step and reopens, deleted keys that stay
+//! deleted (the Bitcask resurrection bug), hints that are damaged or stale,
+//! merges under load, and replication across a merge.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::disk::*;
+use common::*;
+use dkv_cask::format::SegmentKind;
+use dkv_cask::{
+    ChangePropagator, Error, KvStore, MergeOptions, MergeStep, Options, Retention, Store,
+};
+
+/// Small segments, nothing kept for followers, no background merging
+/// (each test merges when it says so).
+fn options() -> Options {
+    Options {
+        segment_size: 16 << 10,
+        retention: Retention {
+            bytes: 0,
+            age: Duration::ZERO,
+            honour_pins: false,
+        },
+        merge: MergeOptions {
+            automatic: false,
+            ..MergeOptions::default()
+        },
+        ..test_options()
+    }
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key-{i:06}").into_bytes()
+}
+
+/// Writes every key of `0..keys` `rounds` times with values naming the
+/// round, deletes every `delete_every`-th key, and returns the model.
+fn fill(store: &Store, keys: u64, rounds: u64, delete_every: u64) -> Model {
+    let mut model = Model::new();
+    for round in 0..rounds {
+        for i in 0..keys {
+            let v = format!("value-{i}-{round}-{}", "x".repeat(60)).into_bytes();
+            store.put(&[pair(key(i), &v)]).unwrap();
+            model.insert(key(i), v);
+        }
+    }
+    for i in (0..keys).step_by(delete_every.max(1) as usize) {
+        store.delete(&key(i)).unwrap();
+        model.remove(&key(i));
+    }
+    model
+}
+
+#[test]
+fn merge_gives_back_overwritten_and_deleted_space_and_keeps_every_live_key() {
+    let t = temp_store(options());
+    let model = fill(&t.store, 500, 3, 7);
+    let before = t.store.stats().unwrap();
+    let report = t.store.merge().unwrap();
+    let after = t.store.stats().unwrap();
+    assert!(report.runs >= 1, "{report:?}");
+    assert!(
+        after.disk_bytes() * 2 < before.disk_bytes(),
+        "{} -> {} bytes",
+        before.disk_bytes(),
+        after.disk_bytes()
+    );
+    // What is left is live data, the merged framing (8 bytes per key) and
+    // tombstones that still hide values in older segments.
+    assert!(
+        after.dead_bytes * 5 < after.live_bytes,
+        "{} dead bytes beside {} live",
+        after.dead_bytes,
+        after.live_bytes
+    );
+    assert_eq!(after.keys, model.len() as u64);
+    assert_eq!(after.merges, report.runs as u64);
+    assert_eq!(contents(&t.store), model);
+    // Merged segments are what is left, apart from the (new) active one.
+    assert!(
+        after
+            .segments
+            .iter()
+            .all(|s| s.active || s.kind == SegmentKind::Merged)
+    );
+    t.store.close().unwrap();
+    let reopened = reopen(t.dir.path(), options());
+    assert_eq!(contents(&reopened), model);
+    let r = reopened.recovery_report();
+    assert_eq!(r.segments_scanned, 1, "{r:?}");
+    assert_eq!(r.segments_from_hints, r.segments - 1, "{r:?}");
+}
+
+#[test]
+fn per_segment_accounting_is_exact_after_writes_deletes_merges_and_reopen() {
+    let t = temp_store(options());
+    fill(&t.store, 300, 2, 5);
+    let check = |store: &Store| {
+        let stats = store.stats().unwrap();
+        let live: u64 = stats.segments.iter().map(|s| s.live_bytes).sum();
+        let keys: u64 = stats.segments.iter().map(|s| s.live_keys).sum();
+        assert_eq!(keys, store.key_count() as u64);
+        // Each live key's operation: 20-byte header, key, value.
+        let expected: u64 = all_pairs(store)
+            .iter()
+            .map(|(k, v)| 20 + (k.len() + v.len()) as u64)
+            .sum();
+        assert_eq!(live, expected);
+        for s in &stats.segments {
+            assert_eq!(s.live_bytes + s.dead_bytes, s.bytes, "{s:?}");
+        }
+        stats
+    };
+    let first = check(&t.store);
+    assert!(first.dead_bytes > first.live_bytes / 2);
+    t.store.merge().unwrap();
+    check(&t.store);
+    t.store.close().unwrap();
+    let reopened = reopen(t.dir.path(), options());
+    check(&reopened);
+    // Scanning instead of hints rebuilds the same figures.
+    let with_hints = reopened.stats().unwrap();
+    reopened.close().unwrap();
+    remove_hints(t.dir.path());
+    let scanned = reopen(t.dir.path(), options());
+    assert_eq!(scanned.stats().unwrap().segments, with_hints.segments);
+}
+
+#[test]
+fn expired_keys_count_as_dead_and_merge_drops_them() {
+    let (clock, time) = manual_clock(1_000_000);
+    let t = temp_store(Options { clock, ..options() });
+    for i in 0..400 {
+        t.store
+            .put(&[pair_ttl(key(i), vec![7u8; 80], 1_000_010)])
+            .unwrap();
+    }
+    t.store.put(&[pair("keeper", "v")]).unwrap();
+    let live_before = t.store.stats().unwrap().live_bytes;
+    time.store(1_000_010, Ordering::Relaxed);
+    let stats = t.store.stats().unwrap();
+    assert_eq!(stats.keys, 1);
+    assert!(stats.live_bytes < live_before / 100);
+    t.store.merge().unwrap();
+    let after = t.store.stats().unwrap();
+    assert!(after.disk_bytes() < 2048, "{after:?}");
+    assert_eq!(
+        all_pairs(&t.store),
+        vec![(b"keeper".to_vec(), b"v".to_vec())]
+    );
+}
+
+/// The Bitcask bug: a merge that drops a tombstone while an older value
+/// survives brings the key back after a restart.
+#[test]
+fn a_deleted_key_stays_deleted_whichever_segment_is_merged_and_whenever_it_crashes() {
+    for merge_tombstone_side in [true, false] {
+        for stop_after in [MergeStep::Written, MergeStep::Committed, MergeStep::Applied] {
+            let t = temp_store(options());
+            let active = active_id;
+            // The value in one segment...
+            t.store.put(&[pair("k", "old value")]).unwrap();
+            let value_segment = active(&t.store);
+            fill_other_keys(&t.store, "a", 200);
+            // ...the tombstone in a later one.
+            let tombstone_segment = active(&t.store);
+            t.store.delete(b"k").unwrap();
+            fill_other_keys(&t.store, "b", 200);
+            let sealed = sealed_ids(&t.store);
+            assert!(sealed.contains(&value_segment) && sealed.contains(&tombstone_segment));
+            assert_ne!(value_segment, tombstone_segment);
+            let run = if merge_tombstone_side {
+                tombstone_segment
+            } else {
+                value_segment
+            };
+            let mut crashed = None;
+            let result = t.store.merge_segments(&[run], &mut |step| {
+                if step == stop_after {
+                    crashed = Some(copy_store(t.dir.path()));
+                    return false;
+                }
+                true
+            });
+            assert!(result.is_err(), "the hook stops the merge");
+            let image = crashed.expect("the hook ran");
+            let label = format!("merged the {} side, crash after {stop_after:?}", {
+                if merge_tombstone_side {
+                    "tombstone"
+                } else {
+                    "value"
+                }
+            });
+            let reopened = reopen(image.path(), options());
+            assert_eq!(value_of(&reopened, "k"), None, "{label}");
+            // And again after merging everything and reopening.
+            reopened.merge().unwrap();
+            reopened.close().unwrap();
+            let again = reopen(image.path(), options());
+            assert_eq!(value_of(&again, "k"), None, "{label}, then merged all");
+            // The live store went on unharmed.
+            assert_eq!(value_of(&t.store, "k"), None, "{label}: live store");
+        }
+    }
+}
+
+fn fill_other_keys(store: &Store, prefix: &str, n: u64) {
+    for i in 0..n {
+        store
+            .put(&[pair(format!("{prefix}-{i:05}"), vec![b'v'; 100])])
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_crash_after_any_merge_step_reopens_to_the_same_keyspace() {
+    let mut rng = Rng::from_env("merge_crash_steps");
+    for round in 0..4 {
+        let t = temp_store(options());
+        let mut model = Model::new();
+        // Values in older segments, tombstones and overwrites in newer ones.
+        for i in 0..600u64 {
+            let k = key(rng.below(200));
+            match rng.below(4) {
+                0 => {
+                    t.store.delete(&k).unwrap();
+                    model.remove(&k);
+                }
+                _ => {
+                    let v = rng.bytes(20 + (i % 80) as usize);
+                    t.store.put(&[pair(&k, &v)]).unwrap();
+                    model.insert(k, v);
+                }
+            }
+        }
+        let mut images = Vec::new();
+        t.store
+            .merge_with_hook(&mut |step| {
+                images.push((step, copy_store(t.dir.path())));
+                true
+            })
+            .unwrap();
+        assert!(images.len() >= 3, "round {round}: {} steps", images.len());
+        for (step, image) in &images {
+            let reopened = reopen(image.path(), options());
+            assert_eq!(contents(&reopened), model, "round {round}, after {step:?}");
+            let r = reopened.recovery_report().clone();
+            if *step == MergeStep::Written {
+                assert_eq!(r.unfinished_merges_removed, 1, "{r:?}");
+            }
+            reopened.close().unwrap();
+            // A second reopen finds nothing left to settle.
+            let again = reopen(image.path(), options());
+            assert_eq!(again.recovery_report().superseded_removed, 0);
+            assert_eq!(again.recovery_report().unfinished_merges_removed, 0);
+            assert_eq!(contents(&again), model);
+        }
+        assert_eq!(contents(&t.store), model);
+    }
+}
+
+#[test]
+fn hints_that_are_missing_damaged_truncated_or_stale_fall_back_to_scanning() {
+    let t = temp_store(options());
+    let model = fill(&t.store, 400, 2, 9);
+    t.store.close().unwrap();
+    let hints: Vec<_> = fs::read_dir(t.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "hint"))
+        .collect();
+    assert!(hints.len() >= 3, "{hints:?}");
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, Damage); 4] = [
+        ("missing", &|p| fs::remove_file(p).unwrap()),
+        ("damaged", &|p| flip_bit(p, 70, 3)),
+        ("truncated", &|p| {
+            let len = fs::metadata(p).unwrap().len();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(len / 2)
+                .unwrap();
+        }),
+        ("older than its segment", &|p| {
+            // The hint of another (shorter or longer) segment in its place.
+            let other = hints.iter().find(|h| *h != p).unwrap();
+            fs::copy(other, p).unwrap();
+        }),
+    ];
+    for (what, damage) in cases {
+        let image = copy_store(t.dir.path());
+        let victim = same_file_in(&hints[1], image.path());
+        damage(&victim);
+        let store = reopen(image.path(), options());
+        assert_eq!(contents(&store), model, "{what}");
+        let r = store.recovery_report();
+        assert_eq!(r.hint_fallbacks.len(), 1, "{what}: {r:?}");
+        assert_eq!(
+            r.segments_scanned, 2,
+            "{what}: the active one and the victim"
+        );
+        store.close().unwrap();
+        // The hint was rebuilt: the next open uses it.
+        let again = reopen(image.path(), options());
+        assert!(again.recovery_report().hint_fallbacks.is_empty(), "{what}");
+        assert_eq!(contents(&again), model, "{what}");
+    }
+}
+
+#[test]
+fn with_hints_open_trusts_sealed_values_and_a_damaged_one_fails_its_read_and_verify() {
+    let t = temp_store(options());
+    t.store.put(&[pair("target", vec![b'T'; 200])]).unwrap();
+    fill_other_keys(&t.store, "x", 300);
+    t.store.close().unwrap();
+    let file = segment_files(t.dir.path()).remove(0);
+    let bytes = fs::read(&file).unwrap();
+    let at = bytes.windows(8).position(|w| w == [b'T'; 8]).unwrap();
+    flip_bit(&file, at as u64 + 3, 1);
+    let store = reopen(t.dir.path(), options());
+    assert_eq!(store.recovery_report().hint_fallbacks, vec![]);
+    match store.get(&[b"target".as_slice()]) {
+        Err(Error::Corruption { file: f, .. }) => assert_eq!(f, file),
+        other => panic!("read of the damaged value: {other:?}"),
+    }
+    assert_eq!(value_of(&store, "x-00001"), Some(vec![b'v'; 100]));
+    store.close().unwrap();
+    let report = dkv_cask::verify(t.dir.path()).unwrap();
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.skipped[0].file, file);
+}
+
+#[test]
+fn readers_and_writers_see_no_error_and_no_stale_value_during_merges() {
+    let t = Arc::new(temp_store(options()));
+    let writers_done = Arc::new(AtomicBool::new(false));
+    const KEYS: u64 = 64;
+    // Each writer owns keys and writes ever-increasing versions; readers
+    // check that a key's version never goes back.
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let t = Arc::clone(&t);
+            std::thread::spawn(move || {
+                for version in 1..=150u64 {
+                    for i in (w..KEYS).step_by(2) {
+                        let v = format!("{version:08}-{}", "p".repeat(40));
+                        t.store.put(&[pair(key(i), v)]).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let t = Arc::clone(&t);
+            let done = Arc::clone(&writers_done);
+            std::thread::spawn(move || {
+                let mut seen = BTreeMap::new();
+                let mut reads = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    for i in 0..KEYS {
+                        if let Some(v) = value_of(&t.store, key(i)) {
+                            let version: u64 =
+                                std::str::from_utf8(&v[..8]).unwrap().parse().unwrap();
+                            let last = seen.entry(i).or_insert(0);
+                            assert!(version >= *last, "key {i} went from {last} to {version}");
+                            *last = version;
+                            reads += 1;
+                        }
+                    }
+                    let n = all_pairs(&t.store).len() as u64;
+                    assert!(n <= KEYS);
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut merges = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        merges += t.store.merge().unwrap().runs;
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    writers_done.store(true, Ordering::Release);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    assert!(merges > 0);
+    for i in 0..KEYS {
+        let v = value_of(&t.store, key(i)).unwrap();
+        assert_eq!(&v[..8], b"00000150");
+    }
+}
+
+#[test]
+fn a_snapshot_opened_before_a_merge_streams_the_keyspace_it_saw() {
+    let t = temp_store(options());
+    let model = fill(&t.store, 300, 2, 4);
+    let mut snapshot = t.store.snapshot().unwrap();
+    // Overwrite everything, then merge away every segment the snapshot reads.
+    fill(&t.store, 300, 1, 1000);
+    t.store.merge().unwrap();
+    let other = temp_store(options());
+    other.store.load_snapshot(&mut snapshot).unwrap();
+    drop(snapshot);
+    assert_eq!(contents(&other.store), model);
+    // Once the snapshot is gone, merged-away files are removed.
+    let files_after = segment_files(t.dir.path()).len();
+    assert_eq!(files_after, t.store.stats().unwrap().segments.len());
+}
+
+#[test]
+fn a_follower_behind_the_merged_log_gets_the_typed_too_old_error_and_one_within_keeps_going() {
+    let t = temp_store(Options {
+        retention: Retention {
+            bytes: 40 << 10,
+            age: Duration::ZERO,
+            honour_pins: true,
+        },
+        ..options()
+    });
+    fill(&t.store, 400, 2, 10);
+    let oldest_before = t.store.load_changes(0, 1).unwrap()[0].change_number;
+    let floor = t.store.retained_from().unwrap();
+    t.store.merge().unwrap();
+    let latest = t.store.latest_committed_change_number().unwrap();
+    // Behind the merged range: the typed error, never a silent jump.
+    match t.store.load_changes(oldest_before, 10) {
+        Err(Error::ChangesCompacted {
+            requested,
+            oldest_available,
+        }) => {
+            assert_eq!(requested, oldest_before);
+            assert!(oldest_available > oldest_before && oldest_available <= floor);
+        }
+        other => panic!("expected ChangesCompacted, got {other:?}"),
+    }
+    // Within retention: every change from the floor on, without a gap
+    // (each record starts where the one before ended).
+    let mut next = floor;
+    let mut previous_end = None;
+    while next <= latest {
+        let batch = t.store.load_changes(next, 50).unwrap();
+        assert!(!batch.is_empty());
+        for c in &batch {
+            let end = c.change_number + u64::from(c.number_of_trxns) - 1;
+            let start = end - c.serialised_form.len() as u64;
+            match previous_end {
+                None => assert!(start < floor && floor <= end),
+                Some(p) => assert_eq!(start, p, "gap before {end}"),
+            }
+            previous_end = Some(end);
+            next = end + 1;
+        }
+    }
+    assert_eq!(previous_end, Some(latest));
+}
+
+#[test]
+fn a_pinned_follower_keeps_its_log_from_being_merged() {
+    let t = temp_store(Options {
+        retention: Retention {
+            bytes: 0,
+            age: Duration::ZERO,
+            honour_pins: true,
+        },
+        ..options()
+    });
+    fill(&t.store, 200, 1, 1000);
+    let pin = t.store.latest_committed_change_number().unwrap() / 2;
+    t.store.pin_changes("follower-1", pin);
+    fill(&t.store, 200, 2, 1000);
+    t.store.merge().unwrap();
+    let changes = t.store.load_changes(pin, 5).unwrap();
+    let first = &changes[0];
+    let end = first.change_number + u64::from(first.number_of_trxns) - 1;
+    assert!(end - first.serialised_form.len() as u64 <= pin && pin <= end);
+    t.store.unpin_changes("follower-1");
+    t.store.merge().unwrap();
+    assert!(matches!(
+        t.store.load_changes(pin, 5),
+        Err(Error::ChangesCompacted { .. })
+    ));
+}
+
+#[test]
+fn background_merging_keeps_a_rewritten_store_bounded() {
+    let t = temp_store(Options {
+        merge: MergeOptions {
+            automatic: true,
+            dead_ratio: 0.5,
+            check_interval: Duration::from_millis(5),
+            ..MergeOptions::default()
+        },
+        ..options()
+    });
+    let mut model = Model::new();
+    for _ in 0..20 {
+        model = fill(&t.store, 200, 1, 1000);
+    }
+    // Wait for the merger to catch up with the last rollover.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = t.store.stats().unwrap();
+        if stats.merges > 0 && stats.space_amplification() < 3.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "space amplification stayed at {}",
+            stats.space_amplification()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(contents(&t.store), model);
+}
+
+#[test]
+fn merge_of_segments_that_are_not_an_adjacent_sealed_run_is_refused() {
+    let t = temp_store(options());
+    fill(&t.store, 800, 1, 1000);
+    let sealed = sealed_ids(&t.store);
+    assert!(sealed.len() >= 3);
+    for run in [&[sealed[0], sealed[2]][..], &[]] {
+        let err = t.store.merge_segments(run, &mut |_| true).unwrap_err();
+        assert!(matches!(err, Error::InvalidOptions(_)), "{run:?}: {err}");
+    }
+    let active = active_id(&t.store);
+    assert!(t.store.merge_segments(&[active], &mut |_| true).is_err());
+}
+
+#[test]
+fn merge_options_out_of_range_are_refused_at_open() {
+    for merge in [
+        MergeOptions {
+            dead_ratio: 0.0,
+            ..MergeOptions::default()
+        },
+        MergeOptions {
+            space_amplification: 0.5,
+            ..MergeOptions::default()
+        },
+        MergeOptions {
+            check_interval: Duration::ZERO,
+            ..MergeOptions::default()
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Store::open(dir.path(), Options { merge, ..options() }).unwrap_err();
+        assert!(matches!(err, Error::InvalidOptions(_)), "{err}");
+    }
+}
