@@ -60,6 +60,16 @@ pub(crate) fn build(bytes: &[u8]) -> Option<Vec<u8>> {
         }
         at += len;
     }
+    // The newest operation of each key, in key order (the sort is stable:
+    // of one key's operations the last written stays last).
+    entries.sort_by(|a, b| a.key.cmp(b.key));
+    let mut newest: Vec<HintEntry<'_>> = Vec::with_capacity(entries.len());
+    for e in entries {
+        match newest.last_mut() {
+            Some(last) if last.key == e.key => *last = e,
+            _ => newest.push(e),
+        }
+    }
     let end = end.unwrap_or(header.base_position + (bytes.len() - start) as u64);
     let mut b = HintBuilder::new(&HintHeader {
         kind: header.kind,
@@ -70,7 +80,7 @@ pub(crate) fn build(bytes: &[u8]) -> Option<Vec<u8>> {
         applied,
         segment_crc: crc32fast::hash(bytes),
     });
-    for e in &entries {
+    for e in &newest {
         b.push(e);
     }
     let starts: Vec<u32> = changes

@@ -339,6 +339,68 @@ impl KeyDir {
         }
     }
 
+    /// Builds an index from entries in strictly ascending key order, packing
+    /// leaves full: a linear pass with no search, for open. Returns `None`
+    /// if the keys are not strictly ascending.
+    pub fn from_sorted<'a>(
+        entries: impl IntoIterator<Item = (&'a [u8], KeyEntry)>,
+    ) -> Option<Self> {
+        let mut leaves = Vec::new();
+        let mut fences = Vec::new();
+        let mut leaf = Leaf::default();
+        let mut previous: Option<&[u8]> = None;
+        let (mut len, mut key_bytes) = (0usize, 0usize);
+        let finish = |leaf: &mut Leaf, leaves: &mut Vec<Leaf>, fences: &mut Vec<FenceKey>| {
+            let mut done = std::mem::take(leaf);
+            done.data.shrink_to_fit();
+            done.offs.shrink_to_fit();
+            done.rebuild_hints();
+            fences.push(if leaves.is_empty() {
+                FenceKey::new(&[])
+            } else {
+                FenceKey::new(done.key(0))
+            });
+            leaves.push(done);
+        };
+        for (key, entry) in entries {
+            if previous.is_some_and(|p| p >= key) || key.len() > usize::from(u16::MAX) {
+                return None;
+            }
+            previous = Some(key);
+            let size = KEY_LEN_LEN + key.len() + ENTRY_LEN;
+            if !leaf.offs.is_empty() && leaf.data.len() + size > LEAF_BYTES {
+                finish(&mut leaf, &mut leaves, &mut fences);
+            }
+            if leaf.data.is_empty() {
+                leaf.data.reserve_exact(LEAF_BYTES.max(size));
+            }
+            let at = leaf.data.len();
+            leaf.offs.push(at as u32);
+            leaf.data
+                .extend_from_slice(&(key.len() as u16).to_le_bytes());
+            leaf.data.extend_from_slice(key);
+            leaf.data.resize(at + size, 0);
+            entry.encode(&mut leaf.data[at + KEY_LEN_LEN + key.len()..at + size]);
+            len += 1;
+            key_bytes += key.len();
+        }
+        if !leaf.offs.is_empty() || leaves.is_empty() {
+            finish(&mut leaf, &mut leaves, &mut fences);
+        }
+        let fences = fences
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| (f, i as u32))
+            .collect();
+        Some(KeyDir {
+            leaves,
+            free: Vec::new(),
+            fences,
+            len,
+            key_bytes,
+        })
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.len
@@ -602,6 +664,48 @@ mod tests {
                 Some(entry(u64::from(i)))
             );
         }
+    }
+
+    #[test]
+    fn an_index_built_from_sorted_entries_equals_one_built_by_inserts_and_stays_usable() {
+        let mut s = 7u64;
+        let mut model = Model::new();
+        for i in 0..20_000u64 {
+            let len = 1 + (xorshift(&mut s) % 40) as usize;
+            let key: Vec<u8> = (0..len)
+                .map(|_| b'a' + (xorshift(&mut s) % 3) as u8)
+                .collect();
+            model.insert(key, entry(i));
+        }
+        let mut built = KeyDir::from_sorted(model.iter().map(|(k, e)| (k.as_slice(), *e))).unwrap();
+        let mut scanned = Vec::new();
+        built.scan_from(&[], false, |k, e| {
+            scanned.push((k.to_vec(), e));
+            true
+        });
+        assert_eq!(scanned, model.clone().into_iter().collect::<Vec<_>>());
+        assert_eq!(built.len(), model.len());
+        for (i, k) in model.keys().enumerate().step_by(7) {
+            assert_eq!(built.get(k), Some(model[k]), "key {i}");
+        }
+        // Inserts and removes after the bulk load keep it right.
+        for i in 0..5_000u64 {
+            let key = format!("{}", xorshift(&mut s) % 9_000).into_bytes();
+            if i % 3 == 0 {
+                assert_eq!(built.remove(&key), model.remove(&key));
+            } else {
+                assert_eq!(built.insert(&key, entry(i)), model.insert(key, entry(i)));
+            }
+        }
+        let mut scanned = Vec::new();
+        built.scan_from(&[], false, |k, e| {
+            scanned.push((k.to_vec(), e));
+            true
+        });
+        assert_eq!(scanned, model.into_iter().collect::<Vec<_>>());
+        assert!(KeyDir::from_sorted([(&b"b"[..], entry(1)), (&b"a"[..], entry(2))]).is_none());
+        assert!(KeyDir::from_sorted([(&b"a"[..], entry(1)), (&b"a"[..], entry(2))]).is_none());
+        assert_eq!(KeyDir::from_sorted(std::iter::empty()).unwrap().len(), 0);
     }
 
     #[test]

@@ -397,11 +397,10 @@ fn merge_run(
             }
             .encode(),
         )?;
-        let mut copied = Copied::default();
-        let mut block = MergedBuilder::default();
-        let mut pending: Vec<Placed<'_>> = Vec::new();
+        // What stays, then sorted by key: the output (and its hint) is in key
+        // order, so a range scan over merged data reads neighbouring bytes.
+        let mut kept: Vec<Placed<'_>> = Vec::new();
         for (si, s) in sources.iter().enumerate() {
-            let bytes = s.bytes();
             for_each_record(s, |at, record| {
                 if inner.merge_abort.load(Ordering::Acquire) {
                     return Err(Error::Closed);
@@ -430,40 +429,66 @@ fn merge_run(
                                     .is_none_or(|e| e.change_number < cn)
                         }
                     };
-                    if !keep {
-                        continue;
-                    }
-                    if block.len() + MergedBuilder::entry_len(len) > MERGED_BLOCK_BYTES
-                        && !block.is_empty()
-                    {
-                        let start = out.len;
-                        out.put(block.finish())?;
-                        block.clear();
-                        copied.place(start, &mut pending);
-                    }
-                    let in_block = block.push(cn, &bytes[offset..offset + len]);
-                    pending.push(Placed {
-                        source: si,
-                        from: offset as u32,
-                        entry: HintEntry {
-                            kind: op.kind,
-                            key: op.key,
-                            offset: in_block,
-                            len: len as u32,
-                            expire_ts: op.expire_ts,
-                            change_number: cn,
-                        },
-                    });
-                    match op.kind {
-                        OpKind::Put => copied.puts += 1,
-                        OpKind::Delete => {
-                            copied.tombstones += 1;
-                            copied.tombstone_bytes += len as u64;
-                        }
+                    if keep {
+                        kept.push(Placed {
+                            source: si,
+                            from: offset as u32,
+                            entry: HintEntry {
+                                kind: op.kind,
+                                key: op.key,
+                                offset: 0,
+                                len: len as u32,
+                                expire_ts: op.expire_ts,
+                                change_number: cn,
+                            },
+                        });
                     }
                 }
                 Ok(())
             })?;
+        }
+        // One operation per key: a live put has no newer delete, and only
+        // the newest delete of a key is kept; should two remain, the newer
+        // wins.
+        kept.sort_by(|a, b| {
+            a.entry
+                .key
+                .cmp(b.entry.key)
+                .then(a.entry.change_number.cmp(&b.entry.change_number))
+        });
+        kept.dedup_by(|later, earlier| {
+            let same = later.entry.key == earlier.entry.key;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        let mut copied = Copied::default();
+        let mut block = MergedBuilder::default();
+        let mut pending: Vec<Placed<'_>> = Vec::new();
+        for mut p in kept {
+            let len = p.entry.len as usize;
+            if block.len() + MergedBuilder::entry_len(len) > MERGED_BLOCK_BYTES && !block.is_empty()
+            {
+                let start = out.len;
+                out.put(block.finish())?;
+                block.clear();
+                copied.place(start, &mut pending);
+                if inner.merge_abort.load(Ordering::Acquire) {
+                    return Err(Error::Closed);
+                }
+            }
+            let from = p.from as usize;
+            let op = &sources[p.source].bytes()[from..from + len];
+            p.entry.offset = block.push(p.entry.change_number, op);
+            match p.entry.kind {
+                OpKind::Put => copied.puts += 1,
+                OpKind::Delete => {
+                    copied.tombstones += 1;
+                    copied.tombstone_bytes += len as u64;
+                }
+            }
+            pending.push(p);
         }
         if !block.is_empty() {
             let start = out.len;

@@ -105,6 +105,17 @@ pub(crate) struct ScannedSegment {
     /// File offset just past the last intact record.
     pub(crate) end_offset: u64,
     pub(crate) map: SealedSegment,
+    /// Where the index build finds the segment's operations.
+    ops: Ops,
+}
+
+/// Where the index build finds a segment's operations.
+#[derive(Debug)]
+enum Ops {
+    /// In its hint file (verified, and matching the segment).
+    Hint(Vec<u8>),
+    /// In the intact records at these file offsets.
+    Records(Vec<u32>),
 }
 
 /// The state rebuilt from disk.
@@ -332,7 +343,7 @@ fn recover_with(
         }
         if !newest && !dry_run {
             match load_hint(dir, &o, &mut rebuilt) {
-                Ok(()) => {
+                Ok(hint) => {
                     report.segments_from_hints += 1;
                     segments.push(ScannedSegment {
                         id: o.id,
@@ -345,6 +356,7 @@ fn recover_with(
                         end_offset: o.map.bytes().len() as u64,
                         path: o.path,
                         map: o.map,
+                        ops: Ops::Hint(hint),
                     });
                     continue;
                 }
@@ -393,11 +405,12 @@ fn recover_with(
     }
     // The replication feed is the gapless log after the newest merged range.
     rebuilt.changes.forget_below(merged_end);
+    let keydir = build_index(&segments, &mut rebuilt.tombstones)?;
     report.segments = ids.len();
-    report.keys = rebuilt.keydir.len();
+    report.keys = keydir.len();
     report.duration = started.elapsed();
     Ok(Recovered {
-        keydir: rebuilt.keydir,
+        keydir,
         changes: rebuilt.changes,
         applied: rebuilt.applied,
         segments,
@@ -489,9 +502,13 @@ fn check_tiling(
     Ok(())
 }
 
-/// Applies the hint of a sealed segment, or says why it cannot be used
-/// (nothing is applied then).
-fn load_hint(dir: &Path, o: &Opened, rebuilt: &mut Rebuilt) -> std::result::Result<(), String> {
+/// Reads and checks the hint of a sealed segment, notes its change index
+/// and applied number, and returns it; or says why it cannot be used.
+fn load_hint(
+    dir: &Path,
+    o: &Opened,
+    rebuilt: &mut Rebuilt,
+) -> std::result::Result<Vec<u8>, String> {
     let bytes = crate::hint::read(dir, o.id)?;
     let hint = Hint::decode(&bytes).map_err(|e| format!("hint damaged: {e}"))?;
     crate::hint::matches(
@@ -500,14 +517,6 @@ fn load_hint(dir: &Path, o: &Opened, rebuilt: &mut Rebuilt) -> std::result::Resu
         o.merge.as_ref(),
         o.map.bytes().len() as u64,
     )?;
-    for e in hint.entries() {
-        let pointer = RecordPointer {
-            segment: o.id,
-            offset: e.offset,
-            len: e.len,
-        };
-        rebuilt.apply(e.kind, e.key, pointer, e.expire_ts, e.change_number);
-    }
     if o.header.kind == SegmentKind::Log {
         for offset in hint.record_starts() {
             let position = o.header.base_position + u64::from(offset) - SEGMENT_HEADER_LEN as u64;
@@ -515,54 +524,160 @@ fn load_hint(dir: &Path, o: &Opened, rebuilt: &mut Rebuilt) -> std::result::Resu
         }
     }
     rebuilt.applied = rebuilt.applied.max(hint.header.applied);
-    Ok(())
+    Ok(bytes)
 }
 
-/// What the replayed records build.
+/// What the scans note besides the index.
 #[derive(Default)]
 struct Rebuilt {
-    keydir: KeyDir,
     changes: ChangeIndex,
     applied: u64,
     tombstones: std::collections::HashMap<SegmentId, u64>,
 }
 
-impl Rebuilt {
-    /// Applies every operation of the record at file offset `at` of
-    /// segment `id`.
-    fn apply_record(&mut self, id: SegmentId, at: usize, rec: &crate::format::Record<'_>) {
-        for (off, cn, op) in rec.entries() {
-            let pointer = RecordPointer {
-                segment: id,
-                offset: (at as u64 + u64::from(off)) as u32,
-                len: (OP_HEADER_LEN + op.key.len() + op.value.len()) as u32,
-            };
-            self.apply(op.kind, op.key, pointer, op.expire_ts, cn);
+/// One operation on its way into the index.
+struct Found<'a> {
+    key: &'a [u8],
+    kind: OpKind,
+    entry: KeyEntry,
+}
+
+/// A segment's operations, ascending by key, one per key (its newest).
+type Run<'a> = Box<dyn Iterator<Item = Found<'a>> + 'a>;
+
+/// Builds the index from every segment's operations: each segment gives a
+/// run sorted by key holding its newest operation per key (hints are
+/// stored that way; scanned records are sorted here), and the runs are
+/// merged with the newest segment winning, a delete hiding the key. A
+/// linear build replaces one search per operation (measured: 1M keys
+/// from hints in 0.55 s by inserting, see DESIGN.md 5.4).
+fn build_index(
+    segments: &[ScannedSegment],
+    tombstones: &mut std::collections::HashMap<SegmentId, u64>,
+) -> Result<KeyDir> {
+    let mut runs: Vec<Run<'_>> = Vec::with_capacity(segments.len());
+    for s in segments {
+        let pointer = |offset: u32, len: u32| RecordPointer {
+            segment: s.id,
+            offset,
+            len,
+        };
+        match &s.ops {
+            Ops::Hint(bytes) => {
+                let hint = Hint::decode(bytes).map_err(|e| {
+                    Error::corruption(s.id.hint_path_in(Path::new("")), 0, e.to_string())
+                })?;
+                let deleted: u64 = hint
+                    .entries()
+                    .filter(|e| e.kind == OpKind::Delete)
+                    .map(|e| u64::from(e.len))
+                    .sum();
+                *tombstones.entry(s.id).or_default() += deleted;
+                runs.push(Box::new(hint.entries().map(move |e| Found {
+                    key: e.key,
+                    kind: e.kind,
+                    entry: KeyEntry {
+                        pointer: pointer(e.offset, e.len),
+                        expire_ts: e.expire_ts,
+                        change_number: e.change_number,
+                    },
+                })));
+            }
+            Ops::Records(offsets) => {
+                let bytes = s.map.bytes();
+                let mut found = Vec::new();
+                for &at in offsets {
+                    let Ok(rec) = decode_record(&bytes[at as usize..]) else {
+                        continue;
+                    };
+                    for (off, cn, op) in rec.entries() {
+                        let len = (OP_HEADER_LEN + op.key.len() + op.value.len()) as u32;
+                        if op.kind == OpKind::Delete {
+                            *tombstones.entry(s.id).or_default() += u64::from(len);
+                        }
+                        found.push(Found {
+                            key: op.key,
+                            kind: op.kind,
+                            entry: KeyEntry {
+                                pointer: pointer(at + off, len),
+                                expire_ts: op.expire_ts,
+                                change_number: cn,
+                            },
+                        });
+                    }
+                }
+                // Stable: of one key's operations the last written stays last.
+                found.sort_by(|a, b| a.key.cmp(b.key));
+                let mut newest: Vec<Found<'_>> = Vec::with_capacity(found.len());
+                for f in found {
+                    match newest.last_mut() {
+                        Some(last) if last.key == f.key => *last = f,
+                        _ => newest.push(f),
+                    }
+                }
+                runs.push(Box::new(newest.into_iter()));
+            }
         }
     }
+    KeyDir::from_sorted(
+        merge_runs(runs).filter_map(|f| (f.kind == OpKind::Put).then_some((f.key, f.entry))),
+    )
+    .ok_or_else(|| {
+        Error::corruption(
+            PathBuf::from("(index build)"),
+            0,
+            "keys out of order while building the index",
+        )
+    })
+}
 
-    /// Applies one operation. Segments are applied in log order, so an
-    /// operation is newer than everything applied from earlier segments;
-    /// "highest change number wins" also orders operations of one segment.
-    fn apply(&mut self, kind: OpKind, key: &[u8], pointer: RecordPointer, expire_ts: u64, cn: u64) {
-        match kind {
-            OpKind::Put => {
-                self.keydir.insert_if_newer(
-                    key,
-                    KeyEntry {
-                        pointer,
-                        expire_ts,
-                        change_number: cn,
-                    },
-                );
-            }
-            OpKind::Delete => {
-                *self.tombstones.entry(pointer.segment).or_default() += u64::from(pointer.len);
-                if self.keydir.get(key).is_some_and(|e| e.change_number < cn) {
-                    self.keydir.remove(key);
-                }
-            }
+/// Merges runs (each ascending by key, one operation per key) into one
+/// ascending stream holding, for each key, the operation of the latest run
+/// that has it.
+fn merge_runs<'a>(mut runs: Vec<Run<'a>>) -> MergedRuns<'a> {
+    let heads: Vec<Option<Found<'a>>> = runs.iter_mut().map(Iterator::next).collect();
+    let heap = heads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| Some(Reverse((h.as_ref()?.key, Reverse(i)))))
+        .collect();
+    MergedRuns { runs, heads, heap }
+}
+
+use std::cmp::Reverse;
+
+/// See [`merge_runs`].
+struct MergedRuns<'a> {
+    runs: Vec<Run<'a>>,
+    heads: Vec<Option<Found<'a>>>,
+    /// Smallest key first; of equal keys, the latest run first.
+    heap: std::collections::BinaryHeap<Reverse<(&'a [u8], Reverse<usize>)>>,
+}
+
+impl<'a> MergedRuns<'a> {
+    fn advance(&mut self, i: usize) {
+        self.heads[i] = self.runs[i].next();
+        if let Some(h) = &self.heads[i] {
+            self.heap.push(Reverse((h.key, Reverse(i))));
         }
+    }
+}
+
+impl<'a> Iterator for MergedRuns<'a> {
+    type Item = Found<'a>;
+
+    fn next(&mut self) -> Option<Found<'a>> {
+        let Reverse((key, Reverse(run))) = self.heap.pop()?;
+        let winner = self.heads[run].take()?;
+        self.advance(run);
+        while let Some(&Reverse((k, Reverse(i)))) = self.heap.peek() {
+            if k != key {
+                break;
+            }
+            self.heap.pop();
+            self.advance(i);
+        }
+        Some(winner)
     }
 }
 
@@ -615,6 +730,7 @@ fn scan_segment(
     let base = header.base_position;
     let mut at = SEGMENT_HEADER_LEN;
     let mut cut_at = None;
+    let mut records = Vec::new();
     while at < bytes.len() {
         let rest = &bytes[at..];
         let failure = match decode_record(rest) {
@@ -640,7 +756,7 @@ fn scan_segment(
                 if let Some(applied) = rec.applied {
                     rebuilt.applied = rebuilt.applied.max(applied);
                 }
-                rebuilt.apply_record(id, at, &rec);
+                records.push(at as u32);
                 report.records += 1;
                 at += rec.header.record_len() as usize;
                 continue;
@@ -721,6 +837,7 @@ fn scan_segment(
                 base_position: base,
                 end_position: base + (cut - SEGMENT_HEADER_LEN) as u64,
                 end_offset: cut as u64,
+                ops: Ops::Records(records),
             });
         }
     };
@@ -732,6 +849,7 @@ fn scan_segment(
         end_position: base + (end_offset - SEGMENT_HEADER_LEN) as u64,
         end_offset: end_offset as u64,
         map,
+        ops: Ops::Records(records),
     })
 }
 
@@ -755,6 +873,7 @@ fn scan_merged(
     let bytes = map.bytes();
     let (lo, hi) = (header.base_position, merge.end_position);
     let mut at = SegmentKind::Merged.records_start().min(bytes.len());
+    let mut records = Vec::new();
     while at < bytes.len() {
         let failure = match decode_record(&bytes[at..]) {
             Ok(rec) if rec.header.kind != RecordKind::Merged => {
@@ -764,7 +883,7 @@ fn scan_merged(
                 format!("a change number outside the segment's range {lo}..{hi}")
             }
             Ok(rec) => {
-                rebuilt.apply_record(id, at, &rec);
+                records.push(at as u32);
                 report.records += 1;
                 at += rec.header.record_len() as usize;
                 continue;
@@ -792,6 +911,7 @@ fn scan_merged(
         base_position: lo,
         end_position: hi,
         map,
+        ops: Ops::Records(records),
     })
 }
 

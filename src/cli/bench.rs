@@ -17,9 +17,25 @@ use dkv_cask::{
     SyncMode,
 };
 
+/// Which benchmark to run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// Puts, gets, scans, group commit, replication, backup, snapshots.
+    Engine,
+    /// Open from hints beside scanning, space before and after merge, put
+    /// latency during a merge, a large store opened from hints.
+    Merge,
+}
+
 /// Flags of `dkv-cask bench`; every one has a default.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    /// The benchmark to run.
+    #[arg(long, value_enum, default_value_t = Suite::Engine)]
+    suite: Suite,
+    /// Keys of the large store the merge suite opens from hints; 0 skips it.
+    #[arg(long, default_value_t = 10_000_000)]
+    big_keys: u64,
     /// Keys written by the fill rows and read by the read rows.
     #[arg(long, default_value_t = 1_000_000)]
     keys: u64,
@@ -71,17 +87,17 @@ impl Row {
 }
 
 /// A small xorshift generator: fast, deterministic, no dependency.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
 
-    fn permutation(&mut self, n: u64) -> Vec<u32> {
+    pub(super) fn permutation(&mut self, n: u64) -> Vec<u32> {
         let mut v: Vec<u32> = (0..n as u32).collect();
         for i in (1..v.len()).rev() {
             v.swap(i, (self.next() % (i as u64 + 1)) as usize);
@@ -90,7 +106,7 @@ impl Rng {
     }
 }
 
-fn key(i: u64) -> [u8; 16] {
+pub(super) fn key(i: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     write!(&mut k[..], "{i:016}").expect("16 digits fit");
     k
@@ -116,7 +132,7 @@ impl Workload {
     }
 }
 
-fn progress(msg: &str) {
+pub(super) fn progress(msg: &str) {
     eprint!("\r\x1b[2Kbench: {msg}");
     let _ = std::io::stderr().flush();
 }
@@ -146,6 +162,14 @@ fn timed<T>(name: &str, items: impl Iterator<Item = T>, mut f: impl FnMut(T)) ->
 /// Runs the benchmark and prints the table.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    if args.suite == Suite::Merge {
+        return super::bench_merge::run(
+            &parent,
+            args.keys.max(100),
+            args.value_size,
+            args.big_keys,
+        );
+    }
     let tmp = tempfile::Builder::new()
         .prefix("dkv-cask-bench-")
         .tempdir_in(&parent)?;

@@ -4,6 +4,7 @@
 //! found by `get`, 4 damage found by `verify`.
 
 mod bench;
+mod bench_merge;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -8,7 +8,8 @@
 //! 0        8         10       12           16               24              32             40               48            52            56
 //! | magic  | version | kind   | segment id | segment length | base position | end position | applied number | segment crc | entry count | reserved |
 //! | 8 B    | u16 = 1 | u16    | u32        | u64            | u64           | u64          | u64            | u32         | u32         | u32 = 0  |
-//! entry, repeated entry count times
+//! entry, repeated entry count times, in strictly ascending key order
+//! (the segment's newest operation of each key)
 //! 0      1          2         4        8        12          20              28
 //! | kind | reserved | key len | offset | length | expire ts | change number | key |
 //! | u8   | u8 = 0   | u16     | u32    | u32    | u64       | u64           |     |
@@ -112,7 +113,8 @@ impl HintBuilder {
         HintBuilder { buf, count: 0 }
     }
 
-    /// Appends one operation.
+    /// Appends one operation; keys must come in strictly ascending order
+    /// (the decoder refuses anything else).
     pub fn push(&mut self, e: &HintEntry<'_>) {
         let mut h = [0u8; HINT_ENTRY_LEN];
         h[E_KIND] = e.kind as u8;
@@ -190,6 +192,7 @@ impl<'a> Hint<'a> {
         };
         let count = LE::read_u32(&h[H_COUNT..]);
         let mut at = HINT_HEADER_LEN;
+        let mut previous: Option<&[u8]> = None;
         for _ in 0..count {
             let e: [u8; HINT_ENTRY_LEN] = take(body, at)?;
             let key_len = usize::from(LE::read_u16(&e[E_KEY_LEN..]));
@@ -213,13 +216,19 @@ impl<'a> Hint<'a> {
                     "hint entry's change number outside its segment's range",
                 ));
             }
-            at += HINT_ENTRY_LEN + key_len;
-            if at > body.len() {
-                return Err(FormatError::Truncated {
-                    needed: at as u64,
+            let key = body
+                .get(at + HINT_ENTRY_LEN..at + HINT_ENTRY_LEN + key_len)
+                .ok_or(FormatError::Truncated {
+                    needed: (at + HINT_ENTRY_LEN + key_len) as u64,
                     available: body.len() as u64,
-                });
+                })?;
+            if previous.is_some_and(|p| p >= key) {
+                return Err(FormatError::Invalid(
+                    "hint entries are not in ascending key order",
+                ));
             }
+            previous = Some(key);
+            at += HINT_ENTRY_LEN + key_len;
         }
         let entries = &body[HINT_HEADER_LEN..at];
         let n = LE::read_u32(&take::<4>(body, at)?) as usize;
@@ -247,7 +256,7 @@ impl<'a> Hint<'a> {
         self.count == 0
     }
 
-    /// The entries, in segment order.
+    /// The entries, in ascending key order.
     pub fn entries(&self) -> impl Iterator<Item = HintEntry<'a>> + use<'a> {
         let bytes = self.entries;
         let mut at = 0usize;
