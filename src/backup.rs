@@ -354,9 +354,9 @@ impl Backupable for Store {
         let mut files = Vec::with_capacity(sealed.len());
         let mut linked = 0;
         let mut keep = std::collections::HashSet::new();
-        for (id, src, _reader) in &sealed {
+        for (id, src, reader) in &sealed {
             let name = id.file_name();
-            let (len, crc) = inner.sealed_crc(*id)?;
+            let (len, crc) = inner.sealed_crc(*id, reader)?;
             if link_or_copy(src, &path.join(&name))? {
                 linked += 1;
             }
@@ -496,7 +496,12 @@ pub(crate) fn swap_folders(
 
 /// Whether a file name belongs to the store itself (replaced by a swap).
 fn is_store_file(name: &str) -> bool {
+    let extension = name.rsplit('.').next().unwrap_or("");
     SegmentId::parse_file_name(name).is_some()
+        // Hints, hints being written, and merge output being written: a
+        // hint of the replaced store must never describe a restored segment.
+        || [crate::log::HINT_EXTENSION, crate::log::MERGING_EXTENSION].contains(&extension)
+        || name.ends_with(".hint.tmp")
         || [
             crate::log::LOCK_FILE,
             crate::log::SYNC_FAILED_FILE,

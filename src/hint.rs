@@ -79,6 +79,7 @@ pub(crate) fn build(bytes: &[u8]) -> Option<Vec<u8>> {
         end_position: end,
         applied,
         segment_crc: crc32fast::hash(bytes),
+        sample_crc: crate::format::sample_crc(bytes),
     });
     for e in &newest {
         b.push(e);
@@ -107,13 +108,15 @@ pub(crate) fn read(dir: &Path, id: SegmentId) -> std::result::Result<Vec<u8>, St
     })
 }
 
-/// Checks that a decoded hint describes this segment file.
+/// Checks that a decoded hint describes this segment file (`segment` is
+/// its whole, mapped, bytes; only the sampled ends are read).
 pub(crate) fn matches(
     hint: &Hint<'_>,
     header: &SegmentHeader,
     merge: Option<&MergeHeader>,
-    file_len: u64,
+    segment: &[u8],
 ) -> std::result::Result<(), String> {
+    let file_len = segment.len() as u64;
     let h = &hint.header;
     if h.segment != header.id || h.kind != header.kind {
         return Err(format!(
@@ -133,6 +136,9 @@ pub(crate) fn matches(
     };
     if h.base_position != header.base_position || h.end_position != end {
         return Err("hint's log range differs from its segment's".into());
+    }
+    if h.sample_crc != crate::format::sample_crc(segment) {
+        return Err("hint describes another segment of the same name and size".into());
     }
     Ok(())
 }

@@ -466,6 +466,24 @@ impl KeyDir {
         }
     }
 
+    /// Replaces the entry of `key` with `f(entry)` when `f` returns one;
+    /// returns the entry it replaced. One search, for updates that depend
+    /// on the current entry (a merge moving a value).
+    pub fn update(
+        &mut self,
+        key: &[u8],
+        f: impl FnOnce(&KeyEntry) -> Option<KeyEntry>,
+    ) -> Option<KeyEntry> {
+        let id = self.leaf_for(key);
+        let leaf = &mut self.leaves[id as usize];
+        let i = leaf.search(key).ok()?;
+        let old = leaf.entry(i);
+        let new = f(&old)?;
+        let (s, e) = leaf.entry_at(i);
+        new.encode(&mut leaf.data[s..e]);
+        Some(old)
+    }
+
     /// Sets the entry of `key` unless the index already holds a newer one
     /// (a higher change number); returns whether it was set and what it
     /// replaced.

@@ -511,12 +511,7 @@ fn load_hint(
 ) -> std::result::Result<Vec<u8>, String> {
     let bytes = crate::hint::read(dir, o.id)?;
     let hint = Hint::decode(&bytes).map_err(|e| format!("hint damaged: {e}"))?;
-    crate::hint::matches(
-        &hint,
-        &o.header,
-        o.merge.as_ref(),
-        o.map.bytes().len() as u64,
-    )?;
+    crate::hint::matches(&hint, &o.header, o.merge.as_ref(), o.map.bytes())?;
     if o.header.kind == SegmentKind::Log {
         for offset in hint.record_starts() {
             let position = o.header.base_position + u64::from(offset) - SEGMENT_HEADER_LEN as u64;
@@ -805,6 +800,27 @@ fn scan_segment(
         }
     }
     report.bytes_read += at.min(bytes.len()) as u64;
+    if cut_at.is_none() && !newest && at < bytes.len() && !dry_run {
+        // A sealed segment with preallocated zeros after its records: the
+        // crash came between its rollover's sync and truncate. Finish the
+        // truncate, so its length is its records' (and a hint matches it).
+        drop(map);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .context(|| format!("open {} to finish sealing it", path.display()))?;
+        truncate_synced(&file, &path, at as u64, faults)?;
+        return Ok(ScannedSegment {
+            id,
+            kind: SegmentKind::Log,
+            map: SealedSegment::open(&path)?,
+            path,
+            base_position: base,
+            end_position: base + (at - SEGMENT_HEADER_LEN) as u64,
+            end_offset: at as u64,
+            ops: Ops::Records(records),
+        });
+    }
     let end_offset = match cut_at {
         None => at.min(bytes.len()),
         Some((cut, reason)) => {

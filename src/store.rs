@@ -246,18 +246,26 @@ impl State {
     /// the operation; the entry's change number and expiry stay). Returns
     /// whether it did; snapshots need nothing kept, the value is the same.
     pub(crate) fn relocate(&mut self, key: &[u8], from: RecordPointer, to: RecordPointer) -> bool {
-        let Some(mut e) = self.keydir.get(key).filter(|e| e.pointer == from) else {
+        let Some(old) = self.keydir.update(key, |e| {
+            (e.pointer == from).then_some(KeyEntry { pointer: to, ..*e })
+        }) else {
             return false;
         };
         if let Some(u) = self.usage.get_mut(&from.segment) {
-            u.remove(&e);
+            u.remove(&old);
         }
-        e.pointer = to;
         if let Some(u) = self.usage.get_mut(&to.segment) {
-            u.add(&e);
+            u.add(&KeyEntry { pointer: to, ..old });
         }
-        self.keydir.insert(key, e);
         true
+    }
+
+    /// Removes `key` if it still points at `at` (a merge dropped its
+    /// expired value).
+    pub(crate) fn drop_if_at(&mut self, key: &[u8], at: RecordPointer) {
+        if self.keydir.get(key).is_some_and(|e| e.pointer == at) {
+            self.set(key, None);
+        }
     }
 
     /// Drops retired segments that no open snapshot can read any more.
@@ -827,10 +835,12 @@ impl Inner {
         self.merge_abort.store(true, Ordering::Release);
         let _merging = self.merge_lock.lock();
         self.merge_abort.store(false, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.join_background();
         let result = (|| -> Result<()> {
             let mut w = self.writer.lock();
+            // Under the writer lock: no rollover can start a hint job of the
+            // old contents after this, and the ones started before finish.
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.join_background();
             self.check_open()?;
             if let Some(mut spare) = w.spare.take() {
                 spare.take();
@@ -902,26 +912,16 @@ impl Inner {
     }
 
     /// The length and CRC-32 of a sealed segment, from the cache or by
-    /// reading it once.
-    pub(crate) fn sealed_crc(&self, id: SegmentId) -> Result<(u64, u32)> {
+    /// reading it (through `reader`, which the caller holds, so a merge
+    /// retiring the segment meanwhile does not matter) once.
+    pub(crate) fn sealed_crc(&self, id: SegmentId, reader: &SegmentReader) -> Result<(u64, u32)> {
         if let Some(&known) = self.sealed_crcs.lock().get(&id) {
             return Ok(known);
         }
-        let reader = self
-            .state
-            .read()
-            .segments
-            .get(&id)
-            .cloned()
-            .ok_or(Error::Closed)?;
-        let SegmentReader::Sealed(map) = &*reader else {
-            return Err(Error::corruption(
-                id.path_in(&self.dir),
-                0,
-                "segment is not sealed",
-            ));
-        };
-        let known = (map.bytes().len() as u64, crc32fast::hash(map.bytes()));
+        let bytes = reader
+            .sealed_bytes()
+            .ok_or_else(|| Error::corruption(id.path_in(&self.dir), 0, "segment is not sealed"))?;
+        let known = (bytes.len() as u64, crc32fast::hash(bytes));
         self.sealed_crcs.lock().insert(id, known);
         Ok(known)
     }
@@ -991,7 +991,11 @@ impl Inner {
             s.stop();
         }
         self.merge_abort.store(true, Ordering::Release);
-        if let Some(m) = self.merger.lock().take() {
+        // Not joined under the `merger` mutex: a rollover holding the
+        // writer lock takes it to wake the merger, and the merger may be
+        // waiting for the writer lock.
+        let merger = self.merger.lock().take();
+        if let Some(m) = merger {
             m.stop();
         }
         let merging = self.merge_lock.lock();

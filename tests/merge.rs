@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,8 @@ use common::disk::*;
 use common::*;
 use dkv_cask::format::SegmentKind;
 use dkv_cask::{
-    ChangePropagator, Error, KvStore, MergeOptions, MergeStep, Options, Retention, Store,
+    Backupable, ChangePropagator, Error, KvStore, MergeOptions, MergeStep, Options, Retention,
+    Store, SyncMode,
 };
 
 /// Small segments, nothing kept for followers, no background merging
@@ -320,6 +322,9 @@ fn hints_that_are_missing_damaged_truncated_or_stale_fall_back_to_scanning() {
 #[test]
 fn with_hints_open_trusts_sealed_values_and_a_damaged_one_fails_its_read_and_verify() {
     let t = temp_store(options());
+    // In the middle of the segment: a hint is checked against checksums of
+    // the segment's first and last 4 KiB, so damage there is found at open.
+    fill_other_keys(&t.store, "w", 45);
     t.store.put(&[pair("target", vec![b'T'; 200])]).unwrap();
     fill_other_keys(&t.store, "x", 300);
     t.store.close().unwrap();
@@ -560,4 +565,297 @@ fn merge_options_out_of_range_are_refused_at_open() {
         let err = Store::open(dir.path(), Options { merge, ..options() }).unwrap_err();
         assert!(matches!(err, Error::InvalidOptions(_)), "{err}");
     }
+}
+
+/// Regression (review of the first merge): a merge of a run that does not
+/// start the log dropped an expired overwrite, and the older value came
+/// back at the next open.
+#[test]
+fn an_expired_overwrite_merged_away_leaves_a_tombstone_so_the_older_value_stays_gone() {
+    let (clock, time) = manual_clock(1_000_000);
+    let opts = Options { clock, ..options() };
+    let t = temp_store(opts.clone());
+    t.store.put(&[pair("k", "v1-old")]).unwrap();
+    fill_other_keys(&t.store, "a", 200);
+    let s2 = active_id(&t.store);
+    t.store
+        .put(&[pair_ttl("k", "v2-expiring", 1_000_010)])
+        .unwrap();
+    fill_other_keys(&t.store, "b", 200);
+    assert!(sealed_ids(&t.store).contains(&s2));
+    time.store(1_000_020, Ordering::Relaxed);
+    assert_eq!(value_of(&t.store, "k"), None, "expired, so absent");
+    t.store.merge_segments(&[s2], &mut |_| true).unwrap();
+    assert_eq!(
+        value_of(&t.store, "k"),
+        None,
+        "still absent in the live store"
+    );
+    t.store.close().unwrap();
+    let again = reopen(t.dir.path(), opts);
+    assert_eq!(value_of(&again, "k"), None, "after reopen");
+}
+
+/// Zeroes the active segment of a copy of the store in `dir` from log
+/// position `durable` on: what a power loss leaves when nothing after
+/// `durable` reached the disk.
+fn power_loss_image(store: &Store, durable: u64) -> tempfile::TempDir {
+    let image = copy_store(store.dir());
+    let stats = store.stats().unwrap();
+    let active = stats.segments.iter().find(|s| s.active).unwrap();
+    let path = image.path().join(active.id.file_name());
+    let keep = 32 + durable.saturating_sub(active.base_position);
+    let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let len = f.metadata().unwrap().len();
+    if len > keep {
+        f.write_all_at(&vec![0u8; (len - keep) as usize], keep)
+            .unwrap();
+    }
+    image
+}
+
+/// Regression (review of the first merge): a merge judged liveness from
+/// index entries not yet durable (`SyncMode::Never`): it dropped a durable
+/// value, or a durable tombstone, because an unsynced newer put shadowed
+/// it, and a crash that lost the newer put left the oldest value.
+#[test]
+fn a_merge_never_drops_durable_data_for_a_newer_write_a_crash_could_still_erase() {
+    for shadowed_is_a_delete in [false, true] {
+        let opts = Options {
+            sync_mode: SyncMode::Never,
+            ..options()
+        };
+        let t = temp_store(opts.clone());
+        t.store.put(&[pair("k", "v1")]).unwrap();
+        fill_other_keys(&t.store, "a", 200);
+        let s2 = active_id(&t.store);
+        if shadowed_is_a_delete {
+            t.store.delete(b"k").unwrap();
+        } else {
+            t.store.put(&[pair("k", "v2")]).unwrap();
+        }
+        fill_other_keys(&t.store, "b", 200);
+        t.store.sync().unwrap();
+        let before = t.store.durable_change_number();
+        let expected_before = (!shadowed_is_a_delete).then(|| b"v2".to_vec());
+        // The newer value, not synced.
+        t.store.put(&[pair("k", "v3")]).unwrap();
+        assert!(t.store.last_change_number() > before);
+        // Stopped after writing its output, the merge changed nothing.
+        let stopped = t
+            .store
+            .merge_segments(&[s2], &mut |step| step != MergeStep::Written);
+        assert!(stopped.is_err());
+        let image = power_loss_image(&t.store, before);
+        let crashed = reopen(image.path(), opts.clone());
+        assert_eq!(value_of(&crashed, "k"), expected_before);
+        // Committed, it made every write it judged by durable first.
+        let mut at_commit = None;
+        t.store
+            .merge_segments(&[s2], &mut |step| {
+                if step == MergeStep::Committed {
+                    at_commit = Some((
+                        t.store.durable_change_number(),
+                        t.store.last_change_number(),
+                    ));
+                }
+                true
+            })
+            .unwrap();
+        let (durable, written) = at_commit.unwrap();
+        assert_eq!(durable, written, "unsynced writes when the merge committed");
+        let image = power_loss_image(&t.store, durable);
+        let crashed = reopen(image.path(), opts);
+        assert_eq!(value_of(&crashed, "k"), Some(b"v3".to_vec()));
+    }
+}
+
+/// Regression (review of the first merge): restoring a backup of another
+/// store carried the old store's hint
+/// files over (carry_over keeps non-store files); a hint whose id, length
+/// and range match a restored segment is trusted.
+#[test]
+fn a_restore_never_trusts_hint_files_of_the_store_it_replaces() {
+    let opts = options();
+    let write = |store: &Store, prefix: &str| {
+        for i in 0..300u64 {
+            store
+                .put(&[pair(format!("{prefix}-{i:05}"), vec![b'x'; 50])])
+                .unwrap();
+        }
+    };
+    let a = temp_store(opts.clone());
+    write(&a.store, "a");
+    let b = temp_store(opts.clone());
+    write(&b.store, "b");
+    let backup = tempfile::tempdir().unwrap();
+    let bpath = backup.path().join("bk");
+    b.store.backup_to(&bpath).unwrap();
+    // Let A's hint jobs finish (close joins them), then reopen A and restore.
+    let dir = a.dir.path().to_path_buf();
+    a.store.close().unwrap();
+    let hints: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "hint"))
+        .collect();
+    assert!(!hints.is_empty(), "A has hint files");
+    let a2 = reopen(&dir, opts.clone());
+    let restored = a2.restore_from(&bpath).unwrap();
+    let r = restored.recovery_report().clone();
+    eprintln!(
+        "from hints: {} scanned: {}",
+        r.segments_from_hints, r.segments_scanned
+    );
+    let got = contents(&restored);
+    let want = contents(&b.store);
+    assert_eq!(got.len(), want.len(), "restored key count");
+    assert!(
+        got.keys().all(|k| k.starts_with(b"b-")),
+        "keys of the replaced store visible"
+    );
+}
+
+/// Regression (review of the first merge): a backup racing a merge failed
+/// with `Closed` when the merge retired a segment the backup had listed.
+#[test]
+fn backups_taken_while_merges_run_all_succeed() {
+    let t = temp_store(options());
+    fill_other_keys(&t.store, "a", 6000);
+    let dir = t.dir.path().to_path_buf();
+    t.store.close().unwrap();
+    let store = Arc::new(reopen(&dir, options()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, stop2) = (Arc::clone(&store), Arc::clone(&stop));
+    let merger = std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop2.load(Ordering::Relaxed) {
+            for id in sealed_ids(&s2) {
+                if s2.merge_segments(&[id], &mut |_| true).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    });
+    let mut failures = Vec::new();
+    for round in 0..60 {
+        let bdir = tempfile::tempdir().unwrap();
+        if let Err(e) = store.backup_to(&bdir.path().join("b")) {
+            failures.push(format!("round {round}: {e:?}"));
+            if failures.len() > 3 {
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let merges = merger.join().unwrap();
+    eprintln!("merges: {merges}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Regression (review of the first merge): close() held the `merger` mutex while joining the merge thread; the
+/// merge thread waits for the writer lock (allocate_segment_id); a writer in
+/// rollover holds the writer lock and waits for the `merger` mutex.
+#[test]
+fn close_returns_while_writers_roll_over_and_the_background_merge_runs() {
+    let opts = Options {
+        segment_size: 4096,
+        merge: MergeOptions {
+            automatic: true,
+            dead_ratio: 0.01,
+            check_interval: Duration::from_micros(50),
+            ..MergeOptions::default()
+        },
+        retention: Retention {
+            bytes: 0,
+            age: Duration::ZERO,
+            honour_pins: false,
+        },
+        ..test_options()
+    };
+    for round in 0..40 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), opts.clone()).unwrap());
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let s = Arc::clone(&store);
+            writers.push(std::thread::spawn(move || {
+                let mut i = 0u64;
+                loop {
+                    let k = format!("k{w}-{}", i % 20);
+                    if s.put(&[pair(k, vec![b'v'; 300])]).is_err() {
+                        break;
+                    }
+                    i += 1;
+                }
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(5 + round % 7));
+        let s = Arc::clone(&store);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = s.close();
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            panic!("round {round}: close did not return within 20 s (deadlock)");
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        std::mem::forget(dir);
+    }
+}
+
+/// Regression (review of the first merge): first_expiry was a lower bound
+/// never raised, and merged_estimate then
+/// counts *all* expiring bytes as reclaimable: in a TTL workload the
+/// background thread rewrites the same merged data each time one key expires.
+#[test]
+fn keys_expiring_one_by_one_do_not_make_the_background_merge_rewrite_a_segment_each_time() {
+    let (clock, time) = manual_clock(1_000_000);
+    let opts = Options {
+        clock,
+        segment_size: 64 << 10,
+        merge: MergeOptions {
+            automatic: true,
+            check_interval: Duration::from_millis(10),
+            ..MergeOptions::default()
+        },
+        retention: Retention {
+            bytes: 0,
+            age: Duration::ZERO,
+            honour_pins: false,
+        },
+        ..test_options()
+    };
+    let t = temp_store(opts);
+    for i in 0..400u64 {
+        t.store
+            .put(&[pair_ttl(format!("k{i:05}"), vec![b'v'; 80], 1_000_100 + i)])
+            .unwrap();
+    }
+    t.store.merge().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let base = t.store.stats().unwrap();
+    eprintln!(
+        "after first merge: merges={} segs={}",
+        base.merges,
+        base.segments.len()
+    );
+    time.store(1_000_100, Ordering::Relaxed);
+    let mut counts = Vec::new();
+    for step in 1..=10u64 {
+        time.store(1_000_100 + step, Ordering::Relaxed); // one more key expired
+        std::thread::sleep(Duration::from_millis(150));
+        let s = t.store.stats().unwrap();
+        counts.push((s.merges, s.keys));
+    }
+    eprintln!("(merges, live keys) per step: {counts:?}");
+    let extra = counts.last().unwrap().0 - base.merges;
+    assert!(
+        extra <= 1,
+        "{extra} background merges to drop 10 of 400 keys"
+    );
 }

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Keys of the large store the merge suite opens from hints; 0 skips it.
     #[arg(long, default_value_t = 10_000_000)]
     big_keys: u64,
+    /// Merge write limit for the merge suite's latency rows, in MB/s; 0 for
+    /// none (`MergeOptions::bytes_per_second`).
+    #[arg(long, default_value_t = 0)]
+    merge_mb_per_s: u64,
     /// Keys written by the fill rows and read by the read rows.
     #[arg(long, default_value_t = 1_000_000)]
     keys: u64,
@@ -168,6 +172,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             args.keys.max(100),
             args.value_size,
             args.big_keys,
+            args.merge_mb_per_s * 1_000_000,
         );
     }
     let tmp = tempfile::Builder::new()

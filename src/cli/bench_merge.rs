@@ -116,6 +116,7 @@ pub fn run(
     keys: u64,
     value_size: usize,
     big_keys: u64,
+    merge_rate: u64,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let tmp = tempfile::Builder::new()
         .prefix("dkv-cask-bench-merge-")
@@ -193,7 +194,12 @@ pub fn run(
     store.close()?;
 
     // Put latency while a merge runs, beside none.
-    lines.extend(latency_during_merge(tmp.path(), keys, value_size)?);
+    lines.extend(latency_during_merge(
+        tmp.path(),
+        keys,
+        value_size,
+        merge_rate,
+    )?);
 
     // A large store opened from hints.
     if big_keys > 0 {
@@ -252,15 +258,13 @@ fn latency_during_merge(
     tmp: &Path,
     keys: u64,
     value_size: usize,
+    merge_rate: u64,
 ) -> Result<Vec<Line>, Box<dyn std::error::Error>> {
     let dir = tmp.join("busy");
-    let store = Store::open(
-        &dir,
-        Options {
-            sync_mode: SyncMode::Always,
-            ..options()
-        },
-    )?;
+    let mut opts = options();
+    opts.sync_mode = SyncMode::Always;
+    opts.merge.bytes_per_second = merge_rate;
+    let store = Store::open(&dir, opts)?;
     // Garbage for the merges to chew on: a quarter of the keys, 3 times.
     // (`fill` syncs at the end, so Always costs nothing extra per batch
     // beyond one fsync.)
@@ -322,9 +326,14 @@ fn latency_during_merge(
                 pct(&busy, 0.99).as_secs_f64() / pct(&quiet, 0.99).as_secs_f64()
             ),
             note: format!(
-                "{} puts during a merge of {:.0} MiB; p50 {} vs {}",
+                "{} puts during a merge of {:.0} MiB ({}); p50 {} vs {}",
                 busy.len(),
                 merged.bytes_before as f64 / 1048576.0,
+                if merge_rate == 0 {
+                    "no rate limit".to_string()
+                } else {
+                    format!("limited to {} MB/s", merge_rate / 1_000_000)
+                },
                 us(pct(&busy, 0.5)),
                 us(pct(&quiet, 0.5))
             ),

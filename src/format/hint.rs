@@ -6,8 +6,9 @@
 //! ```text
 //! header (60 bytes)
 //! 0        8         10       12           16               24              32             40               48            52            56
-//! | magic  | version | kind   | segment id | segment length | base position | end position | applied number | segment crc | entry count | reserved |
-//! | 8 B    | u16 = 1 | u16    | u32        | u64            | u64           | u64          | u64            | u32         | u32         | u32 = 0  |
+//! | magic  | version | kind   | segment id | segment length | base position | end position | applied number | segment crc | entry count | sample crc |
+//! | 8 B    | u16 = 1 | u16    | u32        | u64            | u64           | u64          | u64            | u32         | u32         | u32        |
+//!   sample crc: crc32 of the segment's first and last 4 KiB (see `sample_crc`)
 //! entry, repeated entry count times, in strictly ascending key order
 //! (the segment's newest operation of each key)
 //! 0      1          2         4        8        12          20              28
@@ -29,7 +30,9 @@ pub const HINT_MAGIC: [u8; 8] = *b"DKVHINT\0";
 /// The hint file version this build writes and reads.
 pub const HINT_VERSION: u16 = 1;
 /// Length of the hint header in bytes.
-pub const HINT_HEADER_LEN: usize = H_RESERVED + 4;
+pub const HINT_HEADER_LEN: usize = H_SAMPLE + 4;
+/// Bytes at each end of a segment that its hint's sample checksum covers.
+pub const HINT_SAMPLE_LEN: usize = 4096;
 /// Length of a hint entry's fixed part in bytes.
 pub const HINT_ENTRY_LEN: usize = E_CN + 8;
 
@@ -43,7 +46,7 @@ const H_END: usize = H_BASE + 8;
 const H_APPLIED: usize = H_END + 8;
 const H_SEG_CRC: usize = H_APPLIED + 8;
 const H_COUNT: usize = H_SEG_CRC + 4;
-const H_RESERVED: usize = H_COUNT + 4;
+const H_SAMPLE: usize = H_COUNT + 4;
 
 const E_KIND: usize = 0;
 const E_RESERVED: usize = E_KIND + 1;
@@ -71,6 +74,20 @@ pub struct HintHeader {
     pub applied: u64,
     /// CRC-32 of the whole segment file (checked by `verify`, not by open).
     pub segment_crc: u32,
+    /// [`sample_crc`] of the segment file: checked by open, so that a hint
+    /// of another store's segment with the same id, length and range (left
+    /// by a restore, say) is not trusted.
+    pub sample_crc: u32,
+}
+
+/// CRC-32 of the first and the last [`HINT_SAMPLE_LEN`] bytes of a segment
+/// file (overlapping for short files).
+pub fn sample_crc(segment: &[u8]) -> u32 {
+    let n = segment.len().min(HINT_SAMPLE_LEN);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&segment[..n]);
+    h.update(&segment[segment.len() - n..]);
+    h.finalize()
 }
 
 /// One operation of the segment.
@@ -110,6 +127,7 @@ impl HintBuilder {
         LE::write_u64(&mut buf[H_END..], header.end_position);
         LE::write_u64(&mut buf[H_APPLIED..], header.applied);
         LE::write_u32(&mut buf[H_SEG_CRC..], header.segment_crc);
+        LE::write_u32(&mut buf[H_SAMPLE..], header.sample_crc);
         HintBuilder { buf, count: 0 }
     }
 
@@ -173,9 +191,6 @@ impl<'a> Hint<'a> {
         if version != HINT_VERSION {
             return Err(FormatError::UnsupportedVersion(version));
         }
-        if LE::read_u32(&h[H_RESERVED..]) != 0 {
-            return Err(FormatError::NonZeroReserved);
-        }
         let kind = match LE::read_u16(&h[H_KIND..]) {
             1 => SegmentKind::Log,
             2 => SegmentKind::Merged,
@@ -189,6 +204,7 @@ impl<'a> Hint<'a> {
             end_position: LE::read_u64(&h[H_END..]),
             applied: LE::read_u64(&h[H_APPLIED..]),
             segment_crc: LE::read_u32(&h[H_SEG_CRC..]),
+            sample_crc: LE::read_u32(&h[H_SAMPLE..]),
         };
         let count = LE::read_u32(&h[H_COUNT..]);
         let mut at = HINT_HEADER_LEN;
@@ -238,6 +254,15 @@ impl<'a> Hint<'a> {
             .ok_or(FormatError::Invalid(
                 "hint's change index does not fill the file",
             ))?;
+        if starts
+            .chunks_exact(4)
+            .map(LE::read_u32)
+            .any(|s| (s as usize) < super::SEGMENT_HEADER_LEN || u64::from(s) >= header.segment_len)
+        {
+            return Err(FormatError::Invalid(
+                "hint's change index points outside its segment",
+            ));
+        }
         Ok(Hint {
             header,
             entries,
@@ -300,6 +325,7 @@ mod tests {
             end_position: 1032,
             applied: 9,
             segment_crc: 0xAABB_CCDD,
+            sample_crc: 0x1122_3344,
         }
     }
 
@@ -336,7 +362,7 @@ mod tests {
         e.extend_from_slice(&9u64.to_le_bytes());
         e.extend_from_slice(&0xAABB_CCDDu32.to_le_bytes());
         e.extend_from_slice(&2u32.to_le_bytes()); // entries
-        e.extend_from_slice(&[0, 0, 0, 0]);
+        e.extend_from_slice(&0x1122_3344u32.to_le_bytes()); // sample crc
         e.extend_from_slice(&[1, 0, 2, 0]);
         e.extend_from_slice(&72u32.to_le_bytes());
         e.extend_from_slice(&25u32.to_le_bytes());

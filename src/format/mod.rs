@@ -10,8 +10,8 @@ mod segment;
 pub mod snapshot;
 
 pub use hint::{
-    HINT_ENTRY_LEN, HINT_HEADER_LEN, HINT_MAGIC, HINT_VERSION, Hint, HintBuilder, HintEntry,
-    HintHeader,
+    HINT_ENTRY_LEN, HINT_HEADER_LEN, HINT_MAGIC, HINT_SAMPLE_LEN, HINT_VERSION, Hint, HintBuilder,
+    HintEntry, HintHeader, sample_crc,
 };
 pub use record::{
     APPLIED_LEN, FLAG_APPLIED, MERGED_CN_LEN, MergedBuilder, OP_HEADER_LEN, Op, OpIter, OpKind,

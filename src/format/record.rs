@@ -341,6 +341,25 @@ pub fn decode_op(buf: &[u8]) -> Result<(Op<'_>, usize), FormatError> {
     ))
 }
 
+/// Appends one encoded operation to `buf`; returns where it starts. The
+/// caller has checked the key and value lengths.
+fn encode_op(buf: &mut Vec<u8>, kind: OpKind, key: &[u8], value: &[u8], expire_ts: u64) -> usize {
+    debug_assert!(!key.is_empty() && key.len() <= u16::MAX as usize);
+    let at = buf.len();
+    let mut h = [0u8; OP_HEADER_LEN];
+    h[OP_KIND] = kind as u8;
+    LE::write_u16(&mut h[OP_KEY_LEN..], key.len() as u16);
+    LE::write_u32(&mut h[OP_VALUE_LEN..], value.len() as u32);
+    LE::write_u64(&mut h[OP_EXPIRE..], expire_ts);
+    buf.reserve(OP_HEADER_LEN + key.len() + value.len());
+    buf.extend_from_slice(&h);
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(value);
+    let crc = crc32fast::hash(&buf[at + OP_KIND..]);
+    LE::write_u32(&mut buf[at..at + 4], crc);
+    at
+}
+
 /// The key of the encoded operation at the start of `buf`, without
 /// verifying its checksum (for an operation already verified once).
 pub fn op_key(buf: &[u8]) -> Option<&[u8]> {
@@ -406,19 +425,7 @@ impl RecordBuilder {
     }
 
     fn push(&mut self, kind: OpKind, key: &[u8], value: &[u8], expire_ts: u64) -> u32 {
-        debug_assert!(!key.is_empty() && key.len() <= u16::MAX as usize);
-        let at = self.buf.len();
-        let mut h = [0u8; OP_HEADER_LEN];
-        h[OP_KIND] = kind as u8;
-        LE::write_u16(&mut h[OP_KEY_LEN..], key.len() as u16);
-        LE::write_u32(&mut h[OP_VALUE_LEN..], value.len() as u32);
-        LE::write_u64(&mut h[OP_EXPIRE..], expire_ts);
-        self.buf.reserve(OP_HEADER_LEN + key.len() + value.len());
-        self.buf.extend_from_slice(&h);
-        self.buf.extend_from_slice(key);
-        self.buf.extend_from_slice(value);
-        let crc = crc32fast::hash(&self.buf[at + OP_KIND..]);
-        LE::write_u32(&mut self.buf[at..at + 4], crc);
+        let at = encode_op(&mut self.buf, kind, key, value, expire_ts);
         self.op_count += 1;
         at as u32
     }
@@ -499,6 +506,18 @@ impl MergedBuilder {
         self.buf.extend_from_slice(&change_number.to_le_bytes());
         let at = self.buf.len();
         self.buf.extend_from_slice(op);
+        self.op_count += 1;
+        self.highest = self.highest.max(change_number);
+        at as u32
+    }
+
+    /// Appends a delete of `key` with `change_number` (a tombstone a merge
+    /// writes in place of an expired put that may hide older values);
+    /// returns the operation's offset from the record start.
+    pub fn push_delete(&mut self, change_number: u64, key: &[u8]) -> u32 {
+        debug_assert!(change_number > 0);
+        self.buf.extend_from_slice(&change_number.to_le_bytes());
+        let at = encode_op(&mut self.buf, OpKind::Delete, key, &[], 0);
         self.op_count += 1;
         self.highest = self.highest.max(change_number);
         at as u32

@@ -24,7 +24,7 @@ use crate::error::{IoContext, Result};
 #[derive(Debug)]
 pub(crate) struct SealedSegment {
     map: Option<Mmap>,
-    path: PathBuf,
+    path: parking_lot::Mutex<PathBuf>,
     /// Device and inode of the mapped file, so that a retired segment never
     /// unlinks another file that took its name (after a restore).
     identity: (u64, u64),
@@ -62,7 +62,7 @@ impl SealedSegment {
         };
         Ok(SealedSegment {
             map,
-            path: path.to_path_buf(),
+            path: parking_lot::Mutex::new(path.to_path_buf()),
             identity: (meta.dev(), meta.ino()),
             retired: AtomicBool::new(false),
         })
@@ -81,8 +81,14 @@ impl SealedSegment {
     }
 
     /// The segment's path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
+    pub(crate) fn path(&self) -> PathBuf {
+        self.path.lock().clone()
+    }
+
+    /// Records that the mapped file was renamed to `path` (a merge's output
+    /// mapped before its commit).
+    pub(crate) fn renamed(&self, path: &Path) {
+        *self.path.lock() = path.to_path_buf();
     }
 }
 
@@ -91,12 +97,13 @@ impl Drop for SealedSegment {
         if !self.retired.load(Ordering::Acquire) {
             return;
         }
-        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        let path = self.path.get_mut();
+        let same = std::fs::metadata(&*path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if same {
             // Best effort: a failure leaves a superseded file that the next
             // open removes.
-            let _ = std::fs::remove_file(&self.path);
-            let _ = std::fs::remove_file(self.path.with_extension(super::HINT_EXTENSION));
+            let _ = std::fs::remove_file(&*path);
+            let _ = std::fs::remove_file(path.with_extension(super::HINT_EXTENSION));
         }
     }
 }
