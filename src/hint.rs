@@ -143,6 +143,33 @@ pub(crate) fn matches(
     Ok(())
 }
 
+/// Checks the hint of segment `id` fully against the segment's whole file
+/// `segment`: what open checks, and the checksum of the whole segment.
+/// `Ok(false)` when the segment has no hint.
+pub(crate) fn check(
+    dir: &Path,
+    id: SegmentId,
+    segment: &[u8],
+) -> std::result::Result<bool, String> {
+    if !id.hint_path_in(dir).exists() {
+        return Ok(false);
+    }
+    let bytes = read(dir, id)?;
+    let hint = Hint::decode(&bytes).map_err(|e| format!("hint damaged: {e}"))?;
+    let header = SegmentHeader::decode(segment).map_err(|e| format!("segment header: {e}"))?;
+    let merge = match header.kind {
+        SegmentKind::Log => None,
+        SegmentKind::Merged => {
+            Some(MergeHeader::decode(segment).map_err(|e| format!("merge header: {e}"))?)
+        }
+    };
+    matches(&hint, &header, merge.as_ref(), segment)?;
+    if hint.header.segment_crc != crc32fast::hash(segment) {
+        return Err("the segment's checksum differs from the one its hint recorded".into());
+    }
+    Ok(true)
+}
+
 /// Removes the hint files in `dir` whose segment no longer exists, and
 /// temp files left by an interrupted hint write.
 pub(crate) fn remove_orphans(dir: &Path) -> Result<()> {

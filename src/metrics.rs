@@ -320,14 +320,17 @@ pub(crate) struct StoreCollector {
 }
 
 /// The store gauges: name suffix and help.
-const GAUGES: [(&str, &str); 13] = [
+const GAUGES: [(&str, &str); 17] = [
     ("keys", "Keys in the index"),
     ("segments", "Segment files"),
-    ("log_bytes", "Bytes of log in the segments"),
-    ("live_bytes", "Bytes of log holding live values"),
+    (
+        "log_bytes",
+        "Bytes of headers and records in the segment files",
+    ),
+    ("live_bytes", "Bytes of the live keys' operations"),
     (
         "dead_bytes",
-        "Bytes of log holding overwritten, deleted or framing data",
+        "Bytes of overwritten, deleted or framing data (expired keys not counted)",
     ),
     ("written_bytes", "Bytes appended since open"),
     ("read_bytes", "Bytes read by gets and scans since open"),
@@ -346,6 +349,16 @@ const GAUGES: [(&str, &str); 13] = [
         "Time the last open took to rebuild the index",
     ),
     ("index_bytes", "Heap bytes of the in-memory index"),
+    ("merges", "Merges completed since open"),
+    (
+        "merged_bytes_reclaimed",
+        "Segment bytes given back by merges since open",
+    ),
+    ("merge_failures", "Background merges that failed since open"),
+    (
+        "segments_from_hints",
+        "Segments the last open read from hint files instead of scanning",
+    ),
 ];
 
 impl StoreCollector {
@@ -480,16 +493,26 @@ impl StoreMetrics {
 impl Inner {
     /// The gauge values, in the order of [`GAUGES`].
     fn figures(&self) -> Vec<f64> {
-        let (keys, segments, log_bytes, index_bytes) = {
+        let written = self.commit.written();
+        let (keys, segments, log_bytes, index_bytes, merges) = {
             let state = self.state.read();
-            let log: u64 = state.changes.oldest().map_or(0, |o| {
-                self.commit.written().saturating_sub(o.saturating_sub(1))
-            });
+            let log: u64 = state
+                .usage
+                .iter()
+                .map(|(id, u)| match state.segments.get(id).map(|r| &**r) {
+                    // The active segment: as far as written.
+                    Some(crate::store::SegmentReader::Active(..)) => {
+                        crate::format::SEGMENT_HEADER_LEN as u64 + written.saturating_sub(u.base)
+                    }
+                    _ => u.bytes,
+                })
+                .sum();
             (
                 state.keydir.len() as f64,
                 state.segments.len() as f64,
                 log,
                 state.keydir.memory_bytes() as f64,
+                state.merges,
             )
         };
         let live = self.state.read().live_bytes;
@@ -513,6 +536,10 @@ impl Inner {
             self.applied.load(Ordering::Relaxed) as f64,
             self.report.duration.as_secs_f64(),
             index_bytes,
+            merges.0 as f64,
+            merges.1 as f64,
+            self.merge_failures.load(Ordering::Relaxed) as f64,
+            self.report.segments_from_hints as f64,
         ]
     }
 }

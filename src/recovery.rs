@@ -183,7 +183,8 @@ pub(crate) fn recover(
 /// Reads and checks every segment of the store in `dir` as recovery would,
 /// without changing anything and without trusting hint files: damage
 /// anywhere is listed in `skipped`, a torn tail that an open would cut in
-/// `truncated`. Takes the directory lock, so it fails with
+/// `truncated`, and hint files that do not match their segment (checksum
+/// of the whole segment included) in `hint_fallbacks`. Takes the directory lock, so it fails with
 /// [`Error::Locked`] while the store is open.
 pub fn verify(dir: &Path) -> Result<RecoveryReport> {
     if !dir.is_dir() {
@@ -193,7 +194,18 @@ pub fn verify(dir: &Path) -> Result<RecoveryReport> {
         });
     }
     let _lock = crate::log::DirLock::acquire(dir)?;
-    Ok(recover_with(dir, RecoveryMode::TolerateAnyCorruption, None, true)?.report)
+    let mut report = recover_with(dir, RecoveryMode::TolerateAnyCorruption, None, true)?.report;
+    // Hints are caches: one that open would not use is reported, not damage.
+    for id in list_segments(dir)? {
+        let map = SealedSegment::open_lazy(&id.path_in(dir))?;
+        if let Err(reason) = crate::hint::check(dir, id, map.bytes()) {
+            report.hint_fallbacks.push(HintFallback {
+                segment: id,
+                reason,
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// A segment file whose headers decoded.

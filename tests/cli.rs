@@ -258,3 +258,37 @@ fn json_output_parses_back_for_get_scan_cas_info_and_verify() {
     assert_eq!(verify[0]["damaged"].as_array().unwrap().len(), 0);
     assert!(verify[0]["torn_tail"].is_null());
 }
+
+#[test]
+fn compact_keeps_the_log_for_followers_unless_told_and_info_reports_the_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    for round in 0..3 {
+        for k in 0..5 {
+            stdout(&dkv(&db, &["put", &format!("k{k}"), &format!("v{round}")]));
+        }
+    }
+    stdout(&dkv(&db, &["delete", "k0"]));
+    let kept = stdout(&dkv(&db, &["compact"]));
+    assert!(kept.starts_with("nothing to merge"), "{kept}");
+    let merged = stdout(&dkv(&db, &["compact", "--ignore-retention"]));
+    assert!(merged.starts_with("merged "), "{merged}");
+    let info = stdout(&dkv(&db, &["--json", "info"]));
+    let v: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
+    assert_eq!(v["keys"], 4);
+    assert_eq!(v["merged_segments"], 1);
+    assert_eq!(v["segments_from_hints"], 1);
+    assert!(v["live_bytes"].as_u64().unwrap() > v["data_bytes"].as_u64().unwrap());
+    assert_eq!(
+        stdout(&dkv(&db, &["scan"])),
+        "k1\tv2\nk2\tv2\nk3\tv2\nk4\tv2\n"
+    );
+    // A follower behind the merged log is told so, with the typed error.
+    let o = dkv(&db, &["changes", "--from", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no longer in the log"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -343,6 +343,9 @@ fn with_hints_open_trusts_sealed_values_and_a_damaged_one_fails_its_read_and_ver
     let report = dkv_cask::verify(t.dir.path()).unwrap();
     assert_eq!(report.skipped.len(), 1, "{report:?}");
     assert_eq!(report.skipped[0].file, file);
+    // The hint no longer matches its segment's checksum, which verify checks.
+    assert_eq!(report.hint_fallbacks.len(), 1, "{report:?}");
+    assert!(report.hint_fallbacks[0].reason.contains("checksum"));
 }
 
 #[test]

@@ -222,3 +222,53 @@ fn collectors_join_the_callers_registry_and_leave_it_on_close() {
     drop(again);
     assert!(registry.gather().is_empty());
 }
+
+#[test]
+fn store_gauges_follow_merges_live_and_dead_bytes() {
+    let registry = Registry::new();
+    let t = temp_store(Options {
+        segment_size: 16 << 10,
+        retention: dkv_cask::Retention {
+            bytes: 0,
+            age: std::time::Duration::ZERO,
+            honour_pins: false,
+        },
+        merge: dkv_cask::MergeOptions {
+            automatic: false,
+            ..dkv_cask::MergeOptions::default()
+        },
+        ..with_metrics(&registry)
+    });
+    for round in 0..3 {
+        for i in 0..200 {
+            t.store
+                .put(&[pair(
+                    format!("key-{i:04}"),
+                    format!("{round}-{}", "v".repeat(60)),
+                )])
+                .unwrap();
+        }
+    }
+    let before = exposition(&registry);
+    assert_eq!(sample(&before, "dkv_cask_merges"), Some(0.0));
+    let stats = t.store.stats().unwrap();
+    assert_eq!(
+        sample(&before, "dkv_cask_live_bytes"),
+        Some(stats.live_bytes as f64)
+    );
+    assert_eq!(
+        sample(&before, "dkv_cask_log_bytes"),
+        Some(stats.disk_bytes() as f64)
+    );
+    let report = t.store.merge().unwrap();
+    let after = exposition(&registry);
+    assert_eq!(sample(&after, "dkv_cask_merges"), Some(report.runs as f64));
+    assert_eq!(
+        sample(&after, "dkv_cask_merged_bytes_reclaimed"),
+        Some((report.bytes_before - report.bytes_after) as f64)
+    );
+    assert!(
+        sample(&after, "dkv_cask_dead_bytes").unwrap()
+            < sample(&before, "dkv_cask_dead_bytes").unwrap() / 2.0
+    );
+}

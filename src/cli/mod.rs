@@ -91,6 +91,15 @@ enum Command {
     /// Read every record and checksum without changing anything; report
     /// damage by file and offset (exit code 4 when damaged).
     Verify,
+    /// Merge sealed segments to give back the space of overwritten,
+    /// deleted and expired data (the log followers may need is kept).
+    Compact {
+        /// Also merge the log the default retention keeps for replication
+        /// followers (the newest 1 GiB and the last hour): followers behind
+        /// it must then start again from a snapshot.
+        #[arg(long)]
+        ignore_retention: bool,
+    },
     /// Print change records from the log as JSON lines (bytes in base64).
     Changes {
         /// First change number wanted (0: the oldest available).
@@ -332,18 +341,31 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Info if cli.json => {
             let store = open(&cli.db)?;
             let r = store.recovery_report();
+            let stats = store.stats()?;
+            let merged = stats
+                .segments
+                .iter()
+                .filter(|s| s.kind == dkv_cask::format::SegmentKind::Merged)
+                .count();
             writeln!(
                 out,
-                "{{\"folder\":{},\"format_version\":{},\"keys\":{},\"segments\":{},\"last_change_number\":{},\"durable_change_number\":{},\"index_bytes\":{},\"recovery_records\":{},\"recovery_seconds\":{},\"torn_tail_cut\":{},\"damaged_ranges_skipped\":{}}}",
+                "{{\"folder\":{},\"format_version\":{},\"keys\":{},\"segments\":{},\"merged_segments\":{},\"live_bytes\":{},\"dead_bytes\":{},\"data_bytes\":{},\"last_change_number\":{},\"durable_change_number\":{},\"applied_change_number\":{},\"index_bytes\":{},\"recovery_records\":{},\"recovery_seconds\":{},\"segments_from_hints\":{},\"segments_scanned\":{},\"torn_tail_cut\":{},\"damaged_ranges_skipped\":{}}}",
                 json::string(&store.dir().display().to_string()),
                 dkv_cask::format::FORMAT_VERSION,
-                store.key_count(),
-                r.segments,
+                stats.keys,
+                stats.segments.len(),
+                merged,
+                stats.live_bytes,
+                stats.dead_bytes,
+                stats.data_bytes,
                 store.last_change_number(),
                 store.durable_change_number(),
+                dkv_cask::ChangeApplier::latest_applied_change_number(&store)?,
                 store.index_memory_bytes(),
                 r.records,
                 r.duration.as_secs_f64(),
+                r.segments_from_hints,
+                r.segments_scanned,
                 r.truncated.is_some(),
                 r.skipped.len()
             )?;
@@ -354,15 +376,32 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let r = store.recovery_report();
             writeln!(out, "folder: {}", store.dir().display())?;
             writeln!(out, "format version: {}", dkv_cask::format::FORMAT_VERSION)?;
-            writeln!(out, "keys: {}", store.key_count())?;
-            writeln!(out, "segments: {}", r.segments)?;
+            let stats = store.stats()?;
+            let merged = stats
+                .segments
+                .iter()
+                .filter(|s| s.kind == dkv_cask::format::SegmentKind::Merged)
+                .count();
+            writeln!(out, "keys: {}", stats.keys)?;
+            writeln!(out, "segments: {} ({merged} merged)", stats.segments.len())?;
+            writeln!(
+                out,
+                "bytes: {} live, {} dead ({:.2}x the {} bytes of keys and values)",
+                stats.live_bytes,
+                stats.dead_bytes,
+                stats.space_amplification(),
+                stats.data_bytes
+            )?;
             writeln!(out, "last change number: {}", store.last_change_number())?;
             writeln!(out, "index memory: {} bytes", store.index_memory_bytes())?;
             writeln!(
                 out,
-                "recovery: {} records, {} bytes verified in {:?}",
-                r.records, r.bytes_read, r.duration
+                "open: {} segments from hints, {} scanned ({} records, {} bytes verified) in {:?}",
+                r.segments_from_hints, r.segments_scanned, r.records, r.bytes_read, r.duration
             )?;
+            for f in &r.hint_fallbacks {
+                writeln!(out, "hint of segment {} not used: {}", f.segment, f.reason)?;
+            }
             if let Some(t) = &r.truncated {
                 writeln!(
                     out,
@@ -447,10 +486,65 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     t.reason
                 )?;
             }
+            for f in &r.hint_fallbacks {
+                writeln!(
+                    out,
+                    "note: the hint of segment {} is not usable ({}); open scans the segment and rewrites it",
+                    f.segment, f.reason
+                )?;
+            }
             if !r.skipped.is_empty() || r.truncated.is_some() {
                 return Ok(ExitCode::from(4));
             }
             writeln!(out, "no damage")?;
+        }
+        Command::Compact { ignore_retention } => {
+            let mut options = Options::default();
+            if ignore_retention {
+                options.retention = dkv_cask::Retention {
+                    bytes: 0,
+                    age: std::time::Duration::ZERO,
+                    honour_pins: false,
+                };
+            }
+            options.merge.automatic = false;
+            let store = Store::open(&cli.db, options)?;
+            let before = store.stats()?;
+            let terminal = std::io::stderr().is_terminal();
+            let mut runs = 0;
+            let report = store.merge_with_hook(&mut |step| {
+                if step == dkv_cask::MergeStep::Applied && terminal {
+                    runs += 1;
+                    eprint!("\r\x1b[2Kcompact: {runs} merged segments written");
+                }
+                true
+            })?;
+            if terminal && runs > 0 {
+                eprintln!();
+            }
+            let after = store.stats()?;
+            store.close()?;
+            if report.runs == 0 {
+                writeln!(
+                    out,
+                    "nothing to merge ({} bytes in {} segments; the log followers may need is kept: \
+                     --ignore-retention merges it too)",
+                    before.disk_bytes(),
+                    before.segments.len()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "merged {} segments into {}: {} -> {} bytes ({:.2}x -> {:.2}x the keys and values) in {:?}",
+                    report.segments_merged,
+                    report.runs,
+                    before.disk_bytes(),
+                    after.disk_bytes(),
+                    before.space_amplification(),
+                    after.space_amplification(),
+                    report.duration
+                )?;
+            }
         }
         Command::Metrics => {
             let registry = prometheus::Registry::new();
