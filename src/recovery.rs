@@ -136,6 +136,9 @@ pub(crate) struct Recovered {
     pub(crate) unhinted: Vec<SegmentId>,
     /// Bytes of delete operations per segment.
     pub(crate) tombstones: std::collections::HashMap<SegmentId, u64>,
+    /// The live entries' sums per segment, counted while the index was
+    /// built.
+    pub(crate) live: Vec<(SegmentId, LiveSums)>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -417,7 +420,8 @@ fn recover_with(
     }
     // The replication feed is the gapless log after the newest merged range.
     rebuilt.changes.forget_below(merged_end);
-    let keydir = build_index(&segments, &mut rebuilt.tombstones)?;
+    let mut live = Vec::new();
+    let keydir = build_index(&segments, &mut rebuilt.tombstones, &mut live)?;
     report.segments = ids.len();
     report.keys = keydir.len();
     report.duration = started.elapsed();
@@ -429,6 +433,7 @@ fn recover_with(
         highest_id: ids.last().copied(),
         unhinted,
         tombstones: rebuilt.tombstones,
+        live,
         report,
     })
 }
@@ -542,6 +547,45 @@ struct Rebuilt {
     tombstones: std::collections::HashMap<SegmentId, u64>,
 }
 
+/// The live entries of one segment, summed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LiveSums {
+    pub(crate) bytes: u64,
+    pub(crate) keys: u64,
+    /// Bytes of entries with an expiry, and the earliest expiry.
+    pub(crate) expiring: u64,
+    pub(crate) first_expiry: u64,
+}
+
+impl Default for LiveSums {
+    fn default() -> Self {
+        LiveSums {
+            bytes: 0,
+            keys: 0,
+            expiring: 0,
+            first_expiry: u64::MAX,
+        }
+    }
+}
+
+impl LiveSums {
+    fn add(&mut self, e: &KeyEntry) {
+        self.bytes += u64::from(e.pointer.len);
+        self.keys += 1;
+        if e.expire_ts != 0 {
+            self.expiring += u64::from(e.pointer.len);
+            self.first_expiry = self.first_expiry.min(e.expire_ts);
+        }
+    }
+
+    fn fold(&mut self, part: &LiveSums) {
+        self.bytes += part.bytes;
+        self.keys += part.keys;
+        self.expiring += part.expiring;
+        self.first_expiry = self.first_expiry.min(part.first_expiry);
+    }
+}
+
 /// One operation on its way into the index.
 struct Found<'a> {
     key: &'a [u8],
@@ -561,6 +605,7 @@ type Run<'a> = Box<dyn Iterator<Item = Found<'a>> + 'a>;
 fn build_index(
     segments: &[ScannedSegment],
     tombstones: &mut std::collections::HashMap<SegmentId, u64>,
+    live: &mut Vec<(SegmentId, LiveSums)>,
 ) -> Result<KeyDir> {
     let mut runs: Vec<Run<'_>> = Vec::with_capacity(segments.len());
     for s in segments {
@@ -571,7 +616,8 @@ fn build_index(
         };
         match &s.ops {
             Ops::Hint(bytes) => {
-                let hint = Hint::decode(bytes).map_err(|e| {
+                // `load_hint` verified these bytes.
+                let hint = Hint::decode_verified(bytes).map_err(|e| {
                     Error::corruption(s.id.hint_path_in(Path::new("")), 0, e.to_string())
                 })?;
                 let deleted: u64 = hint
@@ -626,10 +672,31 @@ fn build_index(
             }
         }
     }
-    KeyDir::from_sorted(
-        merge_runs(runs).filter_map(|f| (f.kind == OpKind::Put).then_some((f.key, f.entry))),
-    )
-    .ok_or_else(|| {
+    let mut sums: std::collections::HashMap<SegmentId, LiveSums> = std::collections::HashMap::new();
+    // Neighbouring keys often live in one segment: sum runs of them before
+    // a map lookup.
+    let mut current: Option<(SegmentId, LiveSums)> = None;
+    let built = KeyDir::from_sorted(merge_runs(runs).filter_map(|f| {
+        if f.kind != OpKind::Put {
+            return None;
+        }
+        let seg = f.entry.pointer.segment;
+        if current.as_ref().is_none_or(|(id, _)| *id != seg) {
+            if let Some((id, sum)) = current.take() {
+                sums.entry(id).or_default().fold(&sum);
+            }
+            current = Some((seg, LiveSums::default()));
+        }
+        if let Some((_, sum)) = &mut current {
+            sum.add(&f.entry);
+        }
+        Some((f.key, f.entry))
+    }));
+    if let Some((id, sum)) = current.take() {
+        sums.entry(id).or_default().fold(&sum);
+    }
+    live.extend(sums);
+    built.ok_or_else(|| {
         Error::corruption(
             PathBuf::from("(index build)"),
             0,

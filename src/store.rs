@@ -474,13 +474,15 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
     sync_dir(dir, faults)?;
     let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
     let mut live_bytes = 0u64;
-    recovered.keydir.scan_from(&[], false, |_, e| {
-        live_bytes += u64::from(e.pointer.len);
-        if let Some(u) = usage.get_mut(&e.pointer.segment) {
-            u.add(&e);
+    for (id, sum) in &recovered.live {
+        live_bytes += sum.bytes;
+        if let Some(u) = usage.get_mut(id) {
+            u.live = sum.bytes;
+            u.live_keys = sum.keys;
+            u.expiring = sum.expiring;
+            u.first_expiry = sum.first_expiry;
         }
-        true
-    });
+    }
     Ok(Assembled {
         live_bytes,
         active,

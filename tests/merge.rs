@@ -862,3 +862,27 @@ fn keys_expiring_one_by_one_do_not_make_the_background_merge_rewrite_a_segment_e
         "{extra} background merges to drop 10 of 400 keys"
     );
 }
+
+#[test]
+fn a_rate_limited_merge_writes_no_faster_than_its_limit() {
+    let t = temp_store(Options {
+        merge: MergeOptions {
+            automatic: false,
+            bytes_per_second: 200_000,
+            ..MergeOptions::default()
+        },
+        ..options()
+    });
+    fill_other_keys(&t.store, "r", 4000);
+    let started = std::time::Instant::now();
+    let report = t.store.merge().unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    // A lower bound only: a slow machine can only make it take longer.
+    let floor = report.bytes_after as f64 / 200_000.0;
+    assert!(report.bytes_after > 400_000, "{report:?}");
+    assert!(
+        elapsed >= floor * 0.75,
+        "wrote {} bytes in {elapsed:.2} s, limit allows no less than {floor:.2} s",
+        report.bytes_after
+    );
+}

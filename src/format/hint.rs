@@ -271,6 +271,35 @@ impl<'a> Hint<'a> {
         })
     }
 
+    /// Reads the header of a hint that [`decode`](Self::decode) already
+    /// accepted, without checking it again (open decodes each hint once to
+    /// choose it, and again to read it). Never panics on other bytes: its
+    /// entries then just end early.
+    pub fn decode_verified(buf: &'a [u8]) -> Result<Self, FormatError> {
+        let body = &buf[..buf.len().saturating_sub(4)];
+        let h: [u8; HINT_HEADER_LEN] = take(body, 0)?;
+        let header = HintHeader {
+            kind: if LE::read_u16(&h[H_KIND..]) == 2 {
+                SegmentKind::Merged
+            } else {
+                SegmentKind::Log
+            },
+            segment: SegmentId(LE::read_u32(&h[H_ID..])),
+            segment_len: LE::read_u64(&h[H_SEG_LEN..]),
+            base_position: LE::read_u64(&h[H_BASE..]),
+            end_position: LE::read_u64(&h[H_END..]),
+            applied: LE::read_u64(&h[H_APPLIED..]),
+            segment_crc: LE::read_u32(&h[H_SEG_CRC..]),
+            sample_crc: LE::read_u32(&h[H_SAMPLE..]),
+        };
+        Ok(Hint {
+            header,
+            entries: &body[HINT_HEADER_LEN..],
+            count: LE::read_u32(&h[H_COUNT..]),
+            starts: &[],
+        })
+    }
+
     /// Number of entries.
     pub fn len(&self) -> u32 {
         self.count
@@ -285,7 +314,9 @@ impl<'a> Hint<'a> {
     pub fn entries(&self) -> impl Iterator<Item = HintEntry<'a>> + use<'a> {
         let bytes = self.entries;
         let mut at = 0usize;
+        let mut left = self.count;
         std::iter::from_fn(move || {
+            left = left.checked_sub(1)?;
             // Framing was verified by `decode`.
             let e = bytes.get(at..at + HINT_ENTRY_LEN)?;
             let key_len = usize::from(LE::read_u16(&e[E_KEY_LEN..]));
