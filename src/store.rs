@@ -845,7 +845,7 @@ impl Inner {
             self.join_background();
             self.check_open()?;
             if let Some(mut spare) = w.spare.take() {
-                spare.take();
+                spare.cancel();
             }
             crate::backup::swap_folders(&self.dir, staging, &mut |_| true)?;
             let lock = DirLock::acquire(&self.dir)?;
@@ -1008,7 +1008,7 @@ impl Inner {
                 return Ok(());
             }
             if let Some(mut spare) = w.spare.take() {
-                spare.take();
+                spare.cancel();
             }
             match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),

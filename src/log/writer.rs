@@ -33,12 +33,17 @@ pub const SPARE_FILE: &str = "spare.seg.tmp";
 #[derive(Debug)]
 pub(crate) struct Spare {
     job: Option<std::thread::JoinHandle<std::io::Result<File>>>,
+    /// Asks the zero fill to stop (close does not wait for a spare it will
+    /// never use).
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Spare {
     /// Starts preparing a spare of `capacity` bytes in `dir`.
     pub(crate) fn start(dir: &Path, capacity: u64) -> Spare {
         let path = dir.join(SPARE_FILE);
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::clone(&cancel);
         let job = std::thread::Builder::new()
             .name("dkv-cask-spare".into())
             .spawn(move || {
@@ -48,12 +53,22 @@ impl Spare {
                     .create(true)
                     .truncate(true)
                     .open(&path)?;
-                write_zeros(&file, 0, capacity)?;
+                write_zeros(&file, 0, capacity, &stop)?;
                 file.sync_all()?;
                 Ok(file)
             })
             .ok();
-        Spare { job }
+        Spare { job, cancel }
+    }
+
+    /// Stops preparing the spare and waits for its thread (close: the
+    /// half-filled `spare.seg.tmp` is ignored by recovery and refilled by
+    /// the next open).
+    pub(crate) fn cancel(&mut self) {
+        self.cancel.store(true, Ordering::Release);
+        if let Some(job) = self.job.take() {
+            let _ = job.join();
+        }
     }
 
     /// Whether the spare is prepared (or failed): taking it will not wait.
@@ -256,7 +271,14 @@ impl ActiveSegment {
             .context(|| format!("stat segment {}", self.path.display()))?
             .len();
         check(faults, IoPoint::Append)
-            .and_then(|()| write_zeros(&self.file, len.max(self.offset), self.capacity))
+            .and_then(|()| {
+                write_zeros(
+                    &self.file,
+                    len.max(self.offset),
+                    self.capacity,
+                    &std::sync::atomic::AtomicBool::new(false),
+                )
+            })
             .context(|| format!("preallocate segment {}", self.path.display()))
     }
 
@@ -303,10 +325,18 @@ impl ActiveSegment {
 }
 
 /// Writes zeros into `file` from offset `from` up to `to`, a chunk at a time.
-fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+fn write_zeros(
+    file: &File,
+    from: u64,
+    to: u64,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK];
     let mut at = from;
     while at < to {
+        if cancel.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("spare preparation cancelled"));
+        }
         let n = (to - at).min(ZERO_CHUNK as u64) as usize;
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
