@@ -462,3 +462,65 @@ fn a_put_whose_sync_failed_is_not_visible_to_readers() {
     assert_eq!(value_of(&store, "new"), None);
     assert!(contents(&store) == model_of(&[("k", "v1")]));
 }
+
+/// A merge that meets an I/O error at any of its calls reports it, leaves
+/// no output behind, and changes nothing the store holds; a failure to sync
+/// the folder after its rename poisons the writer (whether the commit is
+/// durable is then unknown), and the reopen settles it either way.
+#[test]
+fn a_merge_failing_at_any_io_call_changes_nothing_and_leaves_no_output() {
+    for kind in [InjectedError::Eio, InjectedError::NoSpace] {
+        for n in 0.. {
+            let faults = Arc::new(FaultInjector::new());
+            let dir = tempfile::tempdir().unwrap();
+            let mut opts = options(SyncMode::Never, Some(&faults));
+            opts.retention = dkv_cask::Retention {
+                bytes: 0,
+                age: Duration::ZERO,
+                honour_pins: false,
+            };
+            opts.merge.automatic = false;
+            let store = Store::open(dir.path(), opts.clone()).unwrap();
+            let mut model = Model::new();
+            for round in 0..3 {
+                for i in 0..60 {
+                    let v = format!("{round}-{i}").repeat(10).into_bytes();
+                    store.put(&[pair(format!("k{i:02}"), &v)]).unwrap();
+                    model.insert(format!("k{i:02}").into_bytes(), v);
+                }
+            }
+            let sealed = sealed_ids(&store);
+            assert!(sealed.len() >= 3);
+            // Everything durable first: a failed sync of the log inside the
+            // merge may then cost nothing (under `Never`, unsynced writes
+            // are not promised to survive one).
+            store.sync().unwrap();
+            let calls_before = faults.calls();
+            faults.fail_after(n, kind);
+            let result = store.merge_segments(&sealed[..2], &mut |_| true);
+            let fired = faults.fired() > 0;
+            faults.disarm();
+            let label = format!("{kind:?}, I/O call {n} of the merge");
+            if !fired {
+                // Past the merge's last I/O call: it succeeded.
+                result.unwrap();
+                assert!(faults.calls() - calls_before <= n + 1);
+                assert_eq!(contents(&store), model, "{label}");
+                break;
+            }
+            let err = result.unwrap_err();
+            assert_injected(&err, kind, &label);
+            assert_eq!(contents(&store), model, "{label}: reads after the failure");
+            let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "merging"))
+                .collect();
+            assert!(leftovers.is_empty(), "{label}: {leftovers:?}");
+            drop(store);
+            let reopened = Store::open(dir.path(), opts).unwrap();
+            assert_eq!(contents(&reopened), model, "{label}: after reopen");
+            assert!(n < 50, "the merge never stopped failing");
+        }
+    }
+}
