@@ -292,3 +292,49 @@ fn compact_keeps_the_log_for_followers_unless_told_and_info_reports_the_merge() 
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn bench_plot_writes_an_svg_with_both_panels() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("p.svg");
+    let o = Command::new(env!("CARGO_BIN_EXE_dkv-cask"))
+        .args([
+            "bench",
+            "--keys",
+            "2000",
+            "--seconds",
+            "0.2",
+            "--writers",
+            "1,2",
+        ])
+        .args(["--scans", "10", "--backup-mib", "0", "--dir"])
+        .arg(dir.path())
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .expect("run dkv-cask");
+    let out = stdout(&o);
+    assert!(out.contains("plot written to "), "{out}");
+    let text = std::fs::read_to_string(&svg).expect("the plot exists");
+    assert!(text.starts_with("<svg") || text.starts_with("<?xml"));
+    assert!(text.trim_end().ends_with("</svg>"));
+    for axis in [
+        "throughput (ops/s, log scale)",
+        "sync mode (× writer threads)",
+        "latency per operation (µs, log scale)",
+        "fraction of operations at or below",
+        "raw 4 KiB pwrite+fdatasync",
+    ] {
+        assert!(text.contains(axis), "no {axis:?} in the plot");
+    }
+    // One curve per CDF series: two Never put rows, random get, and one
+    // per writer count; the bars are rectangles (and the background).
+    let curves = ["sequential put (Never)", "random put (Never)", "random get"]
+        .into_iter()
+        .chain(["put (Always), 1 writer ", "put (Always), 2 writers"]);
+    for curve in curves {
+        assert!(text.contains(curve), "no legend entry {curve:?}");
+    }
+    assert!(text.matches("<polyline").count() >= 5);
+    assert!(text.matches("<rect").count() > 4);
+}

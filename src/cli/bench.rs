@@ -63,25 +63,30 @@ pub struct BenchArgs {
     /// temp folder). Use a folder on the disk you want to measure.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Also draw the put and get rows as an SVG plot into this file:
+    /// throughput per sync mode and writer count beside the raw fdatasync
+    /// rate, and latency CDFs.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 /// One measured row.
-struct Row {
-    name: String,
+pub(super) struct Row {
+    pub(super) name: String,
     ops: u64,
     elapsed: Duration,
     /// Per-operation latencies in nanoseconds, sorted.
-    latencies: Vec<u64>,
-    reference: Option<(String, f64)>,
+    pub(super) latencies: Vec<u64>,
+    pub(super) reference: Option<(String, f64)>,
     note: String,
 }
 
 impl Row {
-    fn rate(&self) -> f64 {
+    pub(super) fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn percentile(&self, p: f64) -> f64 {
+    pub(super) fn percentile(&self, p: f64) -> f64 {
         if self.latencies.is_empty() {
             return 0.0;
         }
@@ -293,6 +298,14 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     eprintln!();
     print_table(args, &parent, n, index_bytes, &rows);
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "dkv-cask bench: {n} keys of 16 bytes, {}-byte values",
+            args.value_size
+        );
+        super::plot::write_svg(path, &title, &rows)?;
+        println!("plot written to {}", path.display());
+    }
     Ok(())
 }
 

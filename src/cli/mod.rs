@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_merge;
+mod plot;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
