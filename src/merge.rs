@@ -148,7 +148,9 @@ impl Store {
                 })
                 .collect()
         };
-        let expired = if usage.iter().any(|(_, u, _)| u.first_expiry <= now) {
+        // `plan` moves `first_expiry` past what it counted: walk whenever
+        // some key may have expired.
+        let expired = if usage.iter().any(|(_, u, _)| u.expiring > 0) {
             expired_by_segment(&self.inner, now)?
         } else {
             HashMap::new()
@@ -471,7 +473,10 @@ impl Run {
                 path: id.path_in(&inner.dir),
             });
         }
-        let Some((lo, hi)) = span else {
+        // An empty range (segments without records) has nothing to merge;
+        // a merged segment covering it would sort beside the log segment
+        // starting at the same position.
+        let Some((lo, hi)) = span.filter(|(lo, hi)| lo < hi) else {
             return Ok(None);
         };
         let oldest = state.usage.values().map(|u| u.base).min();

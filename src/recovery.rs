@@ -315,6 +315,26 @@ fn recover_with(
     let mut kept = Vec::with_capacity(opened.len());
     for o in opened {
         let lo = o.header.base_position;
+        if o.stated_end() == Some(lo) {
+            // A merged segment of an empty range holds nothing and covers
+            // nothing (no change number lies in it). Older builds could
+            // write one (found by fuzzing); drop it.
+            if o.map.bytes().len() > SegmentKind::Merged.records_start() {
+                return Err(Error::corruption(
+                    o.path.clone(),
+                    SegmentKind::Merged.records_start() as u64,
+                    "records in a merged segment of an empty log range",
+                ));
+            }
+            report.superseded_removed += 1;
+            if !dry_run {
+                drop(o.map);
+                fs::remove_file(&o.path)
+                    .context(|| format!("remove empty merged segment {}", o.path.display()))?;
+                dir_changed = true;
+            }
+            continue;
+        }
         let covered = merged.iter().any(|&(mlo, mhi, mid)| {
             mid != o.id
                 && mlo <= lo
