@@ -597,13 +597,6 @@ impl LiveSums {
             self.first_expiry = self.first_expiry.min(e.expire_ts);
         }
     }
-
-    fn fold(&mut self, part: &LiveSums) {
-        self.bytes += part.bytes;
-        self.keys += part.keys;
-        self.expiring += part.expiring;
-        self.first_expiry = self.first_expiry.min(part.first_expiry);
-    }
 }
 
 /// One operation on its way into the index.
@@ -692,30 +685,35 @@ fn build_index(
             }
         }
     }
-    let mut sums: std::collections::HashMap<SegmentId, LiveSums> = std::collections::HashMap::new();
-    // Neighbouring keys often live in one segment: sum runs of them before
-    // a map lookup.
-    let mut current: Option<(SegmentId, LiveSums)> = None;
+    // Sums per segment, in a table indexed by the segment's place in
+    // `segments` (found by id in a sorted list, once per change of segment).
+    let mut ids: Vec<(SegmentId, usize)> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id, i))
+        .collect();
+    ids.sort_unstable();
+    let mut sums = vec![LiveSums::default(); segments.len()];
+    let mut last: Option<(SegmentId, usize)> = None;
     let built = KeyDir::from_sorted(merge_runs(runs).filter_map(|f| {
         if f.kind != OpKind::Put {
             return None;
         }
         let seg = f.entry.pointer.segment;
-        if current.as_ref().is_none_or(|(id, _)| *id != seg) {
-            if let Some((id, sum)) = current.take() {
-                sums.entry(id).or_default().fold(&sum);
-            }
-            current = Some((seg, LiveSums::default()));
-        }
-        if let Some((_, sum)) = &mut current {
-            sum.add(&f.entry);
+        let slot = match last {
+            Some((id, slot)) if id == seg => Some(slot),
+            _ => ids
+                .binary_search_by_key(&seg, |&(id, _)| id)
+                .ok()
+                .map(|i| ids[i].1),
+        };
+        if let Some(slot) = slot {
+            last = Some((seg, slot));
+            sums[slot].add(&f.entry);
         }
         Some((f.key, f.entry))
     }));
-    if let Some((id, sum)) = current.take() {
-        sums.entry(id).or_default().fold(&sum);
-    }
-    live.extend(sums);
+    live.extend(segments.iter().map(|s| s.id).zip(sums));
     built.ok_or_else(|| {
         Error::corruption(
             PathBuf::from("(index build)"),
@@ -733,26 +731,83 @@ fn merge_runs<'a>(mut runs: Vec<Run<'a>>) -> MergedRuns<'a> {
     let heap = heads
         .iter()
         .enumerate()
-        .filter_map(|(i, h)| Some(Reverse((h.as_ref()?.key, Reverse(i)))))
+        .filter_map(|(i, h)| Some(Head::new(h.as_ref()?.key, i)))
         .collect();
     MergedRuns { runs, heads, heap }
 }
 
-use std::cmp::Reverse;
+/// A run's next key in the merge heap, ordered so that the heap's top is
+/// the smallest key and, of equal keys, the latest run. Keys are compared
+/// by their first 16 bytes as one integer before any byte comparison: most
+/// keys differ there, and a 1M-key merge spent a quarter of its time in
+/// `memcmp` calls.
+struct Head<'a> {
+    prefix: u128,
+    key: &'a [u8],
+    run: usize,
+}
+
+impl<'a> Head<'a> {
+    fn new(key: &'a [u8], run: usize) -> Self {
+        let mut b = [0u8; 16];
+        let n = key.len().min(16);
+        b[..n].copy_from_slice(&key[..n]);
+        Head {
+            prefix: u128::from_be_bytes(b),
+            key,
+            run,
+        }
+    }
+}
+
+impl PartialEq for Head<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Head<'_> {}
+
+impl PartialOrd for Head<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Head<'_> {
+    /// Reversed (the heap is a max-heap): a smaller key, or an equal key
+    /// of a later run, is greater.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .prefix
+            .cmp(&self.prefix)
+            .then_with(|| other.key.cmp(self.key))
+            .then_with(|| self.run.cmp(&other.run))
+    }
+}
 
 /// See [`merge_runs`].
 struct MergedRuns<'a> {
     runs: Vec<Run<'a>>,
     heads: Vec<Option<Found<'a>>>,
-    /// Smallest key first; of equal keys, the latest run first.
-    heap: std::collections::BinaryHeap<Reverse<(&'a [u8], Reverse<usize>)>>,
+    heap: std::collections::BinaryHeap<Head<'a>>,
 }
 
 impl<'a> MergedRuns<'a> {
-    fn advance(&mut self, i: usize) {
+    /// Replaces the heap's top (run `i`'s current key) with the run's next
+    /// key, or removes it when the run is done: one sift, not a pop and a
+    /// push.
+    fn advance_top(&mut self) {
+        let Some(mut top) = self.heap.peek_mut() else {
+            return;
+        };
+        let i = top.run;
         self.heads[i] = self.runs[i].next();
-        if let Some(h) = &self.heads[i] {
-            self.heap.push(Reverse((h.key, Reverse(i))));
+        match &self.heads[i] {
+            Some(h) => *top = Head::new(h.key, i),
+            None => {
+                std::collections::binary_heap::PeekMut::pop(top);
+            }
         }
     }
 }
@@ -761,15 +816,12 @@ impl<'a> Iterator for MergedRuns<'a> {
     type Item = Found<'a>;
 
     fn next(&mut self) -> Option<Found<'a>> {
-        let Reverse((key, Reverse(run))) = self.heap.pop()?;
+        let (key, run) = self.heap.peek().map(|h| (h.key, h.run))?;
         let winner = self.heads[run].take()?;
-        self.advance(run);
-        while let Some(&Reverse((k, Reverse(i)))) = self.heap.peek() {
-            if k != key {
-                break;
-            }
-            self.heap.pop();
-            self.advance(i);
+        self.advance_top();
+        // Older runs' operations of the same key are hidden by the winner.
+        while self.heap.peek().is_some_and(|h| h.key == key) {
+            self.advance_top();
         }
         Some(winner)
     }
