@@ -117,8 +117,7 @@ impl Store {
         self.inner.check_open()?;
         let _merging = self.inner.merge_lock.lock();
         let mut report = MergeReport::default();
-        merge_run(&self.inner, run, false, hook, &mut report)?;
-        if report.runs == 0 {
+        if !merge_run(&self.inner, run, false, hook, &mut report)? {
             return Err(Error::InvalidOptions(format!(
                 "segments {run:?} are not adjacent sealed segments of this store"
             )));
@@ -356,17 +355,18 @@ impl Source {
     }
 }
 
-/// Merges one run. On error nothing visible has changed (the output, if
-/// written, is removed); the run stays as it was. A failure to sync the
-/// folder after the rename poisons the store (the commit's outcome is then
-/// unknown until reopen).
+/// Merges one run; `false` when `run` is not (or no longer) a run of
+/// adjacent sealed segments that retention lets go. On error nothing
+/// visible has changed (the output, if written, is removed); the run stays
+/// as it was. A failure to sync the folder after the rename poisons the
+/// store (the commit's outcome is then unknown until reopen).
 fn merge_run(
     inner: &Inner,
     run: &[SegmentId],
     respect_retention: bool,
     hook: &mut dyn FnMut(MergeStep) -> bool,
     report: &mut MergeReport,
-) -> Result<()> {
+) -> Result<bool> {
     let faults = inner.options.fault_injector.as_deref();
     let stopped = || Error::InvalidOptions("merge stopped by its test hook".into());
     if let Some(cause) = inner.commit.poisoned() {
@@ -378,8 +378,11 @@ fn merge_run(
     } else {
         u64::MAX
     };
-    let Some(run) = Run::take(inner, run, floor)? else {
-        return Ok(());
+    let run = match Run::take(inner, run, floor)? {
+        Taken::Run(run) => run,
+        // Segments without records: nothing to merge.
+        Taken::Empty => return Ok(true),
+        Taken::Invalid => return Ok(false),
     };
     let id = inner.allocate_segment_id()?;
     let tmp = id.merging_path_in(&inner.dir);
@@ -430,7 +433,16 @@ fn merge_run(
     }
     // A cache: a failure only means the next open scans the segment.
     let _ = crate::hint::write(&inner.dir, id, &copied.hint);
-    Ok(())
+    Ok(true)
+}
+
+/// What [`Run::take`] found.
+enum Taken {
+    Run(Run),
+    /// Adjacent sealed segments holding no records.
+    Empty,
+    /// Not a run of adjacent sealed segments that retention lets go.
+    Invalid,
 }
 
 /// A run as the table has it when its merge starts.
@@ -450,20 +462,20 @@ impl Run {
     /// The run's segments, if they are still adjacent sealed segments of
     /// the table (a concurrent merge or a restore may have changed it since
     /// it was planned) and retention (`floor`) lets every log segment go.
-    fn take(inner: &Inner, run: &[SegmentId], floor: u64) -> Result<Option<Run>> {
+    fn take(inner: &Inner, run: &[SegmentId], floor: u64) -> Result<Taken> {
         let state = inner.state.read();
         state.check_open()?;
         let mut sources = Vec::with_capacity(run.len());
         let mut span: Option<(u64, u64)> = None;
         for id in run {
             let (Some(reader), Some(u)) = (state.segments.get(id), state.usage.get(id)) else {
-                return Ok(None);
+                return Ok(Taken::Invalid);
             };
             if reader.sealed_bytes().is_none()
                 || span.is_some_and(|(_, end)| end != u.base)
                 || (u.kind == SegmentKind::Log && u.end >= floor)
             {
-                return Ok(None);
+                return Ok(Taken::Invalid);
             }
             span = Some((span.map_or(u.base, |s| s.0), u.end));
             sources.push(Source {
@@ -476,11 +488,14 @@ impl Run {
         // An empty range (segments without records) has nothing to merge;
         // a merged segment covering it would sort beside the log segment
         // starting at the same position.
-        let Some((lo, hi)) = span.filter(|(lo, hi)| lo < hi) else {
-            return Ok(None);
+        let Some((lo, hi)) = span else {
+            return Ok(Taken::Invalid);
         };
+        if lo == hi {
+            return Ok(Taken::Empty);
+        }
         let oldest = state.usage.values().map(|u| u.base).min();
-        Ok(Some(Run {
+        Ok(Taken::Run(Run {
             sources,
             lo,
             hi,
