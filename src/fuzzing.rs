@@ -110,11 +110,7 @@ fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
 fn merging_options(now: u64) -> crate::Options {
     crate::Options {
         clock: crate::Clock::manual(now),
-        retention: crate::Retention {
-            bytes: 0,
-            age: std::time::Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: crate::Retention::none(),
         ..scratch_options()
     }
 }

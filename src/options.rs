@@ -127,6 +127,19 @@ pub struct Retention {
     pub honour_pins: bool,
 }
 
+impl Retention {
+    /// Keeps nothing for followers: merge may take every sealed segment
+    /// (a store without replicas, or one whose followers can start again
+    /// from a snapshot).
+    pub fn none() -> Self {
+        Retention {
+            bytes: 0,
+            age: Duration::ZERO,
+            honour_pins: false,
+        }
+    }
+}
+
 impl Default for Retention {
     fn default() -> Self {
         Retention {

@@ -951,62 +951,38 @@ fn scan_segment(
         }
     }
     report.bytes_read += at.min(bytes.len()) as u64;
-    if cut_at.is_none() && !newest && at < bytes.len() && !dry_run {
-        // A sealed segment with preallocated zeros after its records: the
-        // crash came between its rollover's sync and truncate. Finish the
-        // truncate, so its length is its records' (and a hint matches it).
+    let was_cut = cut_at.is_some();
+    let end_offset = match &cut_at {
+        None => at.min(bytes.len()),
+        Some((cut, _)) => *cut,
+    };
+    if let Some((cut, reason)) = cut_at {
+        let cut_bytes = bytes[cut..]
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |p| p as u64 + 1);
+        report.truncated = Some(TruncatedTail {
+            file: path.clone(),
+            offset: cut as u64,
+            bytes: cut_bytes,
+            reason,
+        });
+    }
+    // A torn tail is cut. Zeros after the records of a sealed segment are
+    // cut too: the crash came between its rollover's sync and truncate, and
+    // finishing the truncate makes its length its records' (so a hint
+    // matches it). The newest segment keeps its preallocated zeros.
+    let truncate = !dry_run && end_offset < bytes.len() && (was_cut || !newest);
+    let map = if truncate {
         drop(map);
         let file = fs::OpenOptions::new()
             .write(true)
             .open(&path)
-            .context(|| format!("open {} to finish sealing it", path.display()))?;
-        truncate_synced(&file, &path, at as u64, faults)?;
-        return Ok(ScannedSegment {
-            id,
-            kind: SegmentKind::Log,
-            map: SealedSegment::open(&path)?,
-            path,
-            base_position: base,
-            end_position: base + (at - SEGMENT_HEADER_LEN) as u64,
-            end_offset: at as u64,
-            ops: Ops::Records(records),
-        });
-    }
-    let end_offset = match cut_at {
-        None => at.min(bytes.len()),
-        Some((cut, reason)) => {
-            let cut_bytes = bytes[cut..]
-                .iter()
-                .rposition(|&b| b != 0)
-                .map_or(0, |p| p as u64 + 1);
-            report.truncated = Some(TruncatedTail {
-                file: path.clone(),
-                offset: cut as u64,
-                bytes: cut_bytes,
-                reason,
-            });
-            let map = if dry_run {
-                map
-            } else {
-                drop(map);
-                let file = fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .context(|| format!("open {} to cut its torn tail", path.display()))?;
-                truncate_synced(&file, &path, cut as u64, faults)?;
-                SealedSegment::open(&path)?
-            };
-            return Ok(ScannedSegment {
-                id,
-                kind: SegmentKind::Log,
-                map,
-                path,
-                base_position: base,
-                end_position: base + (cut - SEGMENT_HEADER_LEN) as u64,
-                end_offset: cut as u64,
-                ops: Ops::Records(records),
-            });
-        }
+            .context(|| format!("open {} to truncate it", path.display()))?;
+        truncate_synced(&file, &path, end_offset as u64, faults)?;
+        SealedSegment::open(&path)?
+    } else {
+        map
     };
     Ok(ScannedSegment {
         id,

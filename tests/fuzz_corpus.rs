@@ -148,11 +148,7 @@ fn merged_store_material() -> MergedMaterial {
         sync_mode: SyncMode::Never,
         segment_size: 4096,
         preallocate: false,
-        retention: Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         merge: MergeOptions {
             automatic: false,
             ..MergeOptions::default()

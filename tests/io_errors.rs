@@ -474,11 +474,7 @@ fn a_merge_failing_at_any_io_call_changes_nothing_and_leaves_no_output() {
             let faults = Arc::new(FaultInjector::new());
             let dir = tempfile::tempdir().unwrap();
             let mut opts = options(SyncMode::Never, Some(&faults));
-            opts.retention = dkv_cask::Retention {
-                bytes: 0,
-                age: Duration::ZERO,
-                honour_pins: false,
-            };
+            opts.retention = dkv_cask::Retention::none();
             opts.merge.automatic = false;
             let store = Store::open(dir.path(), opts.clone()).unwrap();
             let mut model = Model::new();

@@ -35,11 +35,7 @@ fn options() -> Options {
         sync_mode: SyncMode::Always,
         segment_size: 64 << 10,
         max_batch_bytes: 16 << 10,
-        retention: dkv_cask::Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: dkv_cask::Retention::none(),
         merge: dkv_cask::MergeOptions {
             automatic: true,
             dead_ratio: 0.3,

@@ -26,11 +26,7 @@ use dkv_cask::{
 fn options() -> Options {
     Options {
         segment_size: 16 << 10,
-        retention: Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         merge: MergeOptions {
             automatic: false,
             ..MergeOptions::default()
@@ -770,11 +766,7 @@ fn close_returns_while_writers_roll_over_and_the_background_merge_runs() {
             check_interval: Duration::from_micros(50),
             ..MergeOptions::default()
         },
-        retention: Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         ..test_options()
     };
     for round in 0..40 {
@@ -826,11 +818,7 @@ fn keys_expiring_one_by_one_do_not_make_the_background_merge_rewrite_a_segment_e
             check_interval: Duration::from_millis(10),
             ..MergeOptions::default()
         },
-        retention: Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         ..test_options()
     };
     let t = temp_store(opts);

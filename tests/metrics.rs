@@ -228,11 +228,7 @@ fn store_gauges_follow_merges_live_and_dead_bytes() {
     let registry = Registry::new();
     let t = temp_store(Options {
         segment_size: 16 << 10,
-        retention: dkv_cask::Retention {
-            bytes: 0,
-            age: std::time::Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: dkv_cask::Retention::none(),
         merge: dkv_cask::MergeOptions {
             automatic: false,
             ..dkv_cask::MergeOptions::default()

@@ -83,11 +83,7 @@ fn options(clock: &Clock, dead_ratio: f64) -> Options {
         max_batch_bytes: 6 << 10,
         clock: clock.clone(),
         // Nothing kept for followers: every sealed segment may be merged.
-        retention: Retention {
-            bytes: 0,
-            age: std::time::Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         merge: MergeOptions {
             automatic: true,
             dead_ratio,

@@ -758,11 +758,7 @@ fn retention_keeps_what_bytes_age_and_pins_ask_for() {
     assert_eq!(store.retained_from().unwrap(), 1);
     // Pins are ignored when the options say so.
     let ignoring = temp_store(Options {
-        retention: Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         ..synced()
     });
     ignoring.store.put(&[pair("a", "b")]).unwrap();

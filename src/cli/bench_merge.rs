@@ -17,11 +17,7 @@ use super::bench::{Rng, key, progress};
 fn options() -> Options {
     Options {
         sync_mode: SyncMode::Never,
-        retention: Retention {
-            bytes: 0,
-            age: Duration::ZERO,
-            honour_pins: false,
-        },
+        retention: Retention::none(),
         merge: MergeOptions {
             automatic: false,
             ..MergeOptions::default()

@@ -502,11 +502,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Compact { ignore_retention } => {
             let mut options = Options::default();
             if ignore_retention {
-                options.retention = dkv_cask::Retention {
-                    bytes: 0,
-                    age: std::time::Duration::ZERO,
-                    honour_pins: false,
-                };
+                options.retention = dkv_cask::Retention::none();
             }
             options.merge.automatic = false;
             let store = Store::open(&cli.db, options)?;

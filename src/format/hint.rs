@@ -80,6 +80,22 @@ pub struct HintHeader {
     pub sample_crc: u32,
 }
 
+impl HintHeader {
+    /// The header's fields (its kind already decoded by the caller).
+    fn read(h: &[u8; HINT_HEADER_LEN], kind: SegmentKind) -> Self {
+        HintHeader {
+            kind,
+            segment: SegmentId(LE::read_u32(&h[H_ID..])),
+            segment_len: LE::read_u64(&h[H_SEG_LEN..]),
+            base_position: LE::read_u64(&h[H_BASE..]),
+            end_position: LE::read_u64(&h[H_END..]),
+            applied: LE::read_u64(&h[H_APPLIED..]),
+            segment_crc: LE::read_u32(&h[H_SEG_CRC..]),
+            sample_crc: LE::read_u32(&h[H_SAMPLE..]),
+        }
+    }
+}
+
 /// CRC-32 of the first and the last [`HINT_SAMPLE_LEN`] bytes of a segment
 /// file (overlapping for short files).
 pub fn sample_crc(segment: &[u8]) -> u32 {
@@ -196,16 +212,7 @@ impl<'a> Hint<'a> {
             2 => SegmentKind::Merged,
             other => return Err(FormatError::UnknownSegmentKind(other)),
         };
-        let header = HintHeader {
-            kind,
-            segment: SegmentId(LE::read_u32(&h[H_ID..])),
-            segment_len: LE::read_u64(&h[H_SEG_LEN..]),
-            base_position: LE::read_u64(&h[H_BASE..]),
-            end_position: LE::read_u64(&h[H_END..]),
-            applied: LE::read_u64(&h[H_APPLIED..]),
-            segment_crc: LE::read_u32(&h[H_SEG_CRC..]),
-            sample_crc: LE::read_u32(&h[H_SAMPLE..]),
-        };
+        let header = HintHeader::read(&h, kind);
         let count = LE::read_u32(&h[H_COUNT..]);
         let mut at = HINT_HEADER_LEN;
         let mut previous: Option<&[u8]> = None;
@@ -278,20 +285,12 @@ impl<'a> Hint<'a> {
     pub fn decode_verified(buf: &'a [u8]) -> Result<Self, FormatError> {
         let body = &buf[..buf.len().saturating_sub(4)];
         let h: [u8; HINT_HEADER_LEN] = take(body, 0)?;
-        let header = HintHeader {
-            kind: if LE::read_u16(&h[H_KIND..]) == 2 {
-                SegmentKind::Merged
-            } else {
-                SegmentKind::Log
-            },
-            segment: SegmentId(LE::read_u32(&h[H_ID..])),
-            segment_len: LE::read_u64(&h[H_SEG_LEN..]),
-            base_position: LE::read_u64(&h[H_BASE..]),
-            end_position: LE::read_u64(&h[H_END..]),
-            applied: LE::read_u64(&h[H_APPLIED..]),
-            segment_crc: LE::read_u32(&h[H_SEG_CRC..]),
-            sample_crc: LE::read_u32(&h[H_SAMPLE..]),
+        let kind = if LE::read_u16(&h[H_KIND..]) == 2 {
+            SegmentKind::Merged
+        } else {
+            SegmentKind::Log
         };
+        let header = HintHeader::read(&h, kind);
         Ok(Hint {
             header,
             entries: &body[HINT_HEADER_LEN..],
