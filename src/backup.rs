@@ -4,14 +4,14 @@
 //! swap a crash interrupted. Must not write to a live segment.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, IoContext, Result};
-use crate::helpers::{create_temp_folder, rename_folder};
-use crate::log::{SegmentId, sync_dir};
+use crate::helpers::{create_temp_folder_with, rename_folder_with};
+use crate::log::{FileSystem, SegmentId, sync_dir};
 use crate::store::{Inner, KvStore, Store};
 
 /// The manifest's file name inside a backup folder. A folder without it is
@@ -254,40 +254,42 @@ fn now_unix() -> u64 {
 
 /// Hard-links `src` to `dst`, or copies it (and syncs the copy) where a
 /// link is impossible. Returns whether it linked.
-fn link_or_copy(src: &Path, dst: &Path) -> Result<bool> {
-    match fs::hard_link(src, dst) {
+fn link_or_copy(fs: &dyn FileSystem, src: &Path, dst: &Path) -> Result<bool> {
+    match fs.hard_link(src, dst) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            fs::remove_file(dst).context(|| format!("remove {}", dst.display()))?;
-            link_or_copy(src, dst)
+            fs.remove_file(dst)
+                .context(|| format!("remove {}", dst.display()))?;
+            link_or_copy(fs, src, dst)
         }
         Err(_) => {
-            copy_synced(src, dst)?;
+            copy_synced(fs, src, dst)?;
             Ok(false)
         }
     }
 }
 
 /// Copies `src` to `dst` and syncs the copy.
-fn copy_synced(src: &Path, dst: &Path) -> Result<()> {
-    fs::copy(src, dst)
-        .and_then(|_| fs::File::open(dst)?.sync_all())
+fn copy_synced(fs: &dyn FileSystem, src: &Path, dst: &Path) -> Result<()> {
+    crate::log::copy_synced(fs, src, dst)
         .context(|| format!("copy {} to {}", src.display(), dst.display()))
 }
 
 /// Writes `contents` to `dir/name` through a synced temp file and a rename,
 /// then syncs the folder.
-fn write_file_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+fn write_file_atomically(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
-    (|| -> io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
-    })()
-    .context(|| format!("write {}", path.display()))?;
-    sync_dir(dir, None)
+    crate::log::write_file(fs, &tmp, contents)
+        .and_then(|f| fs.sync_all(&f))
+        .and_then(|()| fs.rename(&tmp, &path))
+        .context(|| format!("write {}", path.display()))?;
+    sync_dir(dir, fs)
 }
 
 /// Reads and checks the manifest and every file of the backup in `path`:
@@ -335,20 +337,22 @@ impl Backupable for Store {
     fn backup_to(&self, path: &Path) -> Result<BackupInfo> {
         let started = Instant::now();
         let inner = &self.inner;
+        let fs = &*inner.fs;
         inner.check_open()?;
         check_backup_path(path, &inner.dir)?;
         let _flag = GlobalMutation::take(inner)?;
         if !path.exists() {
-            fs::create_dir(path).context(|| format!("create {}", path.display()))?;
-            sync_dir(&parent_of(path), None)?;
+            fs.create_dir(path)
+                .context(|| format!("create {}", path.display()))?;
+            sync_dir(&parent_of(path), fs)?;
         }
         // An earlier backup in the folder: unmark it first, so that a crash
         // from here on leaves a folder recognisably unfinished.
         let old_manifest = path.join(BACKUP_MANIFEST);
         if old_manifest.exists() {
-            fs::remove_file(&old_manifest)
+            fs.remove_file(&old_manifest)
                 .context(|| format!("remove {}", old_manifest.display()))?;
-            sync_dir(path, None)?;
+            sync_dir(path, fs)?;
         }
         let (change_number, sealed) = inner.seal_active()?;
         let mut files = Vec::with_capacity(sealed.len());
@@ -357,7 +361,7 @@ impl Backupable for Store {
         for (id, src, reader) in &sealed {
             let name = id.file_name();
             let (len, crc) = inner.sealed_crc(*id, reader)?;
-            if link_or_copy(src, &path.join(&name))? {
+            if link_or_copy(fs, src, &path.join(&name))? {
                 linked += 1;
             }
             keep.insert(name.clone());
@@ -368,10 +372,11 @@ impl Backupable for Store {
             let entry = entry.context(|| format!("list {}", path.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if SegmentId::parse_file_name(&name).is_some() && !keep.contains(&name) {
-                fs::remove_file(entry.path()).context(|| format!("remove {name}"))?;
+                fs.remove_file(&entry.path())
+                    .context(|| format!("remove {name}"))?;
             }
         }
-        sync_dir(path, None)?;
+        sync_dir(path, fs)?;
         let info = BackupInfo {
             change_number,
             applied_change_number: inner.applied.load(Ordering::Acquire),
@@ -380,7 +385,7 @@ impl Backupable for Store {
             linked,
             duration: Duration::ZERO,
         };
-        write_file_atomically(path, BACKUP_MANIFEST, info.encode().as_bytes())?;
+        write_file_atomically(fs, path, BACKUP_MANIFEST, info.encode().as_bytes())?;
         Ok(BackupInfo {
             duration: started.elapsed(),
             ..info
@@ -417,6 +422,7 @@ pub fn restore_with_hook(
     hook: &mut dyn FnMut(RestoreStep) -> bool,
 ) -> Result<Store> {
     let inner = &store.inner;
+    let fs = &*inner.fs;
     inner.check_open()?;
     check_restore_path(path)?;
     let flag = GlobalMutation::take(inner)?;
@@ -426,7 +432,7 @@ pub fn restore_with_hook(
         return Err(crashed());
     }
     let dir = inner.dir.clone();
-    let staging = staging_folder(&dir)?;
+    let staging = staging_folder(fs, &dir)?;
     let staged = (|| -> Result<()> {
         for (i, f) in info.files.iter().enumerate() {
             let src = path.join(&f.name);
@@ -434,21 +440,21 @@ pub fn restore_with_hook(
             // The newest segment becomes the active one and is appended to:
             // it must not share its inode with the backup.
             if i + 1 == info.files.len() {
-                copy_synced(&src, &dst)?;
+                copy_synced(fs, &src, &dst)?;
             } else {
-                link_or_copy(&src, &dst)?;
+                link_or_copy(fs, &src, &dst)?;
             }
         }
-        sync_dir(&staging, None)
+        sync_dir(&staging, fs)
     })();
     if let Err(e) = staged {
-        let _ = fs::remove_dir_all(&staging);
+        let _ = crate::log::remove_dir_all(fs, &staging);
         return Err(e);
     }
     if !hook(RestoreStep::Staged) {
         return Err(crashed());
     }
-    mark_complete(&staging)?;
+    mark_complete(fs, &staging)?;
     if !hook(RestoreStep::MarkedComplete) {
         return Err(crashed());
     }
@@ -456,7 +462,7 @@ pub fn restore_with_hook(
     let options = inner.options.clone();
     let _ = store.close();
     drop(flag);
-    if !swap_folders(&dir, &staging, hook)? {
+    if !swap_folders(fs, &dir, &staging, hook)? {
         return Err(crashed());
     }
     Store::open(&dir, options)
@@ -468,6 +474,7 @@ pub fn restore_with_hook(
 /// by the next open ([`settle_swaps`]). `hook` sees the steps (crash tests);
 /// returns `false` when the hook stopped it.
 pub(crate) fn swap_folders(
+    fs: &dyn FileSystem,
     dir: &Path,
     staging: &Path,
     hook: &mut dyn FnMut(RestoreStep) -> bool,
@@ -478,19 +485,20 @@ pub(crate) fn swap_folders(
         .unwrap_or_default();
     let parent = parent_of(dir);
     // An empty folder with a unique name, which the rename replaces.
-    let aside = create_temp_folder(&parent, &format!("{name}.replaced-"))?;
-    fs::rename(dir, &aside).context(|| format!("move {} aside", dir.display()))?;
-    sync_dir(&parent, None)?;
+    let aside = create_temp_folder_with(fs, &parent, &format!("{name}.replaced-"))?;
+    fs.rename(dir, &aside)
+        .context(|| format!("move {} aside", dir.display()))?;
+    sync_dir(&parent, fs)?;
     if !hook(RestoreStep::MovedAside) {
         return Ok(false);
     }
-    rename_folder(staging, dir)?;
+    rename_folder_with(fs, staging, dir)?;
     if !hook(RestoreStep::SwappedIn) {
         return Ok(false);
     }
-    carry_over(&aside, dir)?;
-    fs::remove_dir_all(&aside).context(|| format!("remove {}", aside.display()))?;
-    sync_dir(&parent, None)?;
+    carry_over(fs, &aside, dir)?;
+    crate::log::remove_dir_all(fs, &aside).context(|| format!("remove {}", aside.display()))?;
+    sync_dir(&parent, fs)?;
     Ok(true)
 }
 
@@ -514,7 +522,7 @@ fn is_store_file(name: &str) -> bool {
 /// Moves what is not the store's own (a backup folder kept inside the store
 /// folder, say) from the replaced folder into the new one, so a swap never
 /// deletes it.
-fn carry_over(old: &Path, new: &Path) -> Result<()> {
+fn carry_over(fs: &dyn FileSystem, old: &Path, new: &Path) -> Result<()> {
     let mut moved = false;
     for entry in fs::read_dir(old).context(|| format!("list {}", old.display()))? {
         let entry = entry.context(|| format!("list {}", old.display()))?;
@@ -522,20 +530,20 @@ fn carry_over(old: &Path, new: &Path) -> Result<()> {
         if is_store_file(&name.to_string_lossy()) || new.join(&name).exists() {
             continue;
         }
-        fs::rename(entry.path(), new.join(&name))
+        fs.rename(&entry.path(), &new.join(&name))
             .context(|| format!("keep {} across the swap", entry.path().display()))?;
         moved = true;
     }
     if moved {
-        sync_dir(new, None)?;
-        sync_dir(old, None)?;
+        sync_dir(new, fs)?;
+        sync_dir(old, fs)?;
     }
     Ok(())
 }
 
 /// A new, empty staging folder beside the store folder `dir`, named so that
 /// [`settle_swaps`] recognises it.
-pub(crate) fn staging_folder(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn staging_folder(fs: &dyn FileSystem, dir: &Path) -> Result<PathBuf> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -543,19 +551,19 @@ pub(crate) fn staging_folder(dir: &Path) -> Result<PathBuf> {
             path: dir.to_path_buf(),
             reason: "the store folder has no name".into(),
         })?;
-    create_temp_folder(&parent_of(dir), &format!("{name}.restore-"))
+    create_temp_folder_with(fs, &parent_of(dir), &format!("{name}.restore-"))
 }
 
 /// Marks a staged folder complete: everything in it is in place and synced.
-pub(crate) fn mark_complete(staging: &Path) -> Result<()> {
-    write_file_atomically(staging, RESTORE_COMPLETE, b"complete\n")
+pub(crate) fn mark_complete(fs: &dyn FileSystem, staging: &Path) -> Result<()> {
+    write_file_atomically(fs, staging, RESTORE_COMPLETE, b"complete\n")
 }
 
 /// Finishes or undoes a folder swap (restore or snapshot load) that a crash
 /// interrupted, before the store at `dir` is opened: with the store's
 /// folder missing, a complete staged folder is moved in (or else the old
 /// folder moved back); with it present, leftovers are removed.
-pub(crate) fn settle_swaps(dir: &Path) -> Result<()> {
+pub(crate) fn settle_swaps(dir: &Path, fs: &dyn FileSystem) -> Result<()> {
     let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(());
     };
@@ -583,22 +591,26 @@ pub(crate) fn settle_swaps(dir: &Path) -> Result<()> {
             .rev()
             .find(|s| s.join(RESTORE_COMPLETE).exists());
         if let Some(s) = complete {
-            fs::rename(s, dir).context(|| format!("finish moving {} in", s.display()))?;
+            fs.rename(s, dir)
+                .context(|| format!("finish moving {} in", s.display()))?;
         } else if let Some(a) = aside.last() {
-            fs::rename(a, dir).context(|| format!("move {} back", a.display()))?;
+            fs.rename(a, dir)
+                .context(|| format!("move {} back", a.display()))?;
         }
-        sync_dir(&parent, None)?;
+        sync_dir(&parent, fs)?;
     }
     for a in aside.iter().filter(|p| p.exists()) {
-        carry_over(a, dir)?;
+        carry_over(fs, a, dir)?;
     }
     for leftover in staged.iter().chain(aside.iter()).filter(|p| p.exists()) {
-        fs::remove_dir_all(leftover).context(|| format!("remove {}", leftover.display()))?;
+        crate::log::remove_dir_all(fs, leftover)
+            .context(|| format!("remove {}", leftover.display()))?;
     }
     let marker = dir.join(RESTORE_COMPLETE);
     if marker.exists() {
-        fs::remove_file(&marker).context(|| format!("remove {}", marker.display()))?;
-        sync_dir(dir, None)?;
+        fs.remove_file(&marker)
+            .context(|| format!("remove {}", marker.display()))?;
+        sync_dir(dir, fs)?;
     }
-    sync_dir(&parent, None)
+    sync_dir(&parent, fs)
 }

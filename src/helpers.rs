@@ -2,13 +2,13 @@
 //! timestamp plus a random suffix, and a folder rename that replaces its
 //! destination. Used by backup, restore and snapshot staging.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{IoContext, Result};
-use crate::log::sync_dir;
+use crate::log::{FileSystem, StdFileSystem, remove_dir_all, sync_dir};
 
 /// `YYYYMMDDhhmmss` in UTC (DKV formats local time the same way).
 pub(crate) fn timestamp() -> String {
@@ -67,12 +67,40 @@ pub fn create_temp_file(dir: &Path, prefix: &str) -> Result<(File, PathBuf)> {
 /// `prefix` + timestamp + a random suffix, and returns its path. The folder
 /// stays on disk; the caller removes it.
 pub fn create_temp_folder(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    create_temp_folder_with(&StdFileSystem, dir, prefix)
+}
+
+/// [`create_temp_folder`] through the file system `fs`.
+pub(crate) fn create_temp_folder_with(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    prefix: &str,
+) -> Result<PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
     let dir = dir_or_temp(dir);
-    let folder = tempfile::Builder::new()
-        .prefix(&format!("{prefix}{}", timestamp()))
-        .tempdir_in(&dir)
-        .context(|| format!("create a temp folder in {}", dir.display()))?;
-    Ok(folder.keep())
+    let stamp = timestamp();
+    let mut attempt = 0u32;
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(attempt);
+        let suffix: String = (0..6)
+            .map(|i| {
+                let n = (h.finish() >> (i * 6)) as usize % 36;
+                char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[n])
+            })
+            .collect();
+        let path = dir.join(format!("{prefix}{stamp}{suffix}"));
+        match fs.create_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 64 => attempt += 1,
+            Err(e) => {
+                return Err(crate::Error::io(
+                    format!("create a temp folder in {}", dir.display()),
+                    e,
+                ));
+            }
+        }
+    }
 }
 
 /// Moves `src` onto `dst`: removes `dst` (file or folder, missing is fine),
@@ -80,22 +108,30 @@ pub fn create_temp_folder(dir: &Path, prefix: &str) -> Result<PathBuf> {
 /// durable. Like DKV's, it is not atomic: a crash between the removal and the
 /// rename leaves nothing at `dst`.
 pub fn rename_folder(src: &Path, dst: &Path) -> Result<()> {
-    match fs::symlink_metadata(dst) {
+    rename_folder_with(&StdFileSystem, src, dst)
+}
+
+/// [`rename_folder`] through the file system `fs`.
+pub(crate) fn rename_folder_with(fs: &dyn FileSystem, src: &Path, dst: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dst) {
         Ok(m) if m.is_dir() => {
-            fs::remove_dir_all(dst).context(|| format!("remove {}", dst.display()))?
+            remove_dir_all(fs, dst).context(|| format!("remove {}", dst.display()))?
         }
-        Ok(_) => fs::remove_file(dst).context(|| format!("remove {}", dst.display()))?,
+        Ok(_) => fs
+            .remove_file(dst)
+            .context(|| format!("remove {}", dst.display()))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(crate::Error::io(format!("stat {}", dst.display()), e)),
     }
-    fs::rename(src, dst).context(|| format!("rename {} to {}", src.display(), dst.display()))?;
+    fs.rename(src, dst)
+        .context(|| format!("rename {} to {}", src.display(), dst.display()))?;
     for parent in [dst.parent(), src.parent()].into_iter().flatten() {
         let parent = if parent.as_os_str().is_empty() {
             Path::new(".")
         } else {
             parent
         };
-        sync_dir(parent, None)?;
+        sync_dir(parent, fs)?;
     }
     Ok(())
 }

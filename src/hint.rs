@@ -13,6 +13,7 @@ use crate::format::{
     Hint, HintBuilder, HintEntry, HintHeader, MergeHeader, OP_HEADER_LEN, RecordKind,
     SegmentHeader, SegmentKind, decode_record,
 };
+use crate::log::FileSystem;
 use crate::log::SegmentId;
 use crate::replication::ChangeIndex;
 
@@ -93,11 +94,12 @@ pub(crate) fn build(bytes: &[u8]) -> Option<Vec<u8>> {
 
 /// Writes `bytes` as the hint of segment `id` in `dir`: a temp file renamed
 /// into place, so a reader sees the old hint, the new one, or none.
-pub(crate) fn write(dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write(fs: &dyn FileSystem, dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<()> {
     let path = id.hint_path_in(dir);
     let tmp = path.with_extension("hint.tmp");
-    fs::write(&tmp, bytes).context(|| format!("write {}", tmp.display()))?;
-    fs::rename(&tmp, &path).context(|| format!("rename {}", tmp.display()))
+    crate::log::write_file(fs, &tmp, bytes).context(|| format!("write {}", tmp.display()))?;
+    fs.rename(&tmp, &path)
+        .context(|| format!("rename {}", tmp.display()))
 }
 
 /// Reads the hint of segment `id`; `Err` says why it cannot be used.
@@ -172,7 +174,7 @@ pub(crate) fn check(
 
 /// Removes the hint files in `dir` whose segment no longer exists, and
 /// temp files left by an interrupted hint write.
-pub(crate) fn remove_orphans(dir: &Path) -> Result<()> {
+pub(crate) fn remove_orphans(dir: &Path, fs: &dyn FileSystem) -> Result<()> {
     for entry in fs::read_dir(dir).context(|| format!("list {}", dir.display()))? {
         let entry = entry.context(|| format!("list {}", dir.display()))?;
         let name = entry.file_name();
@@ -189,7 +191,8 @@ pub(crate) fn remove_orphans(dir: &Path) -> Result<()> {
         };
         if orphan {
             let path = entry.path();
-            fs::remove_file(&path).context(|| format!("remove {}", path.display()))?;
+            fs.remove_file(&path)
+                .context(|| format!("remove {}", path.display()))?;
         }
     }
     Ok(())

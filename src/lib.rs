@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod backup;
+pub mod crash;
 mod error;
 pub mod format;
 #[doc(hidden)]
@@ -63,8 +64,8 @@ pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
 pub use iter::{Iter, IterationOptions};
 pub use keydir::{KeyDir, KeyEntry, RecordPointer};
 pub use log::{
-    FaultInjector, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SPARE_FILE, SYNC_FAILED_FILE,
-    SegmentId,
+    FaultInjector, FileSystem, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SPARE_FILE,
+    SYNC_FAILED_FILE, SegmentId, StdFileSystem,
 };
 pub use merge::{MergeReport, MergeStep};
 pub use metrics::{MetricsOptions, OBJECTIVES, Op, Stat, WindowedSummary};

@@ -19,8 +19,7 @@
 //!    reader of each lets go of it.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -35,7 +34,7 @@ use crate::format::{
     RecordKind, SegmentHeader, SegmentKind, decode_record,
 };
 use crate::keydir::RecordPointer;
-use crate::log::{IoPoint, SealedSegment, SegmentId, check_fault, sync_dir};
+use crate::log::{FileSystem, SealedSegment, SegmentId, sync_dir};
 use crate::store::usage::MERGED_BLOCK_BYTES;
 use crate::store::{Inner, Retired, SegmentReader, Store, StoreStats, Usage};
 
@@ -367,7 +366,7 @@ fn merge_run(
     hook: &mut dyn FnMut(MergeStep) -> bool,
     report: &mut MergeReport,
 ) -> Result<bool> {
-    let faults = inner.options.fault_injector.as_deref();
+    let fs = &*inner.fs;
     let stopped = || Error::InvalidOptions("merge stopped by its test hook".into());
     if let Some(cause) = inner.commit.poisoned() {
         return Err(Error::Poisoned { cause });
@@ -389,7 +388,7 @@ fn merge_run(
     let (copied, map, out_len, crc) = match write_output(inner, &run, id, &tmp) {
         Ok(w) => w,
         Err(e) => {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs.remove_file(&tmp);
             return Err(e);
         }
     };
@@ -399,19 +398,19 @@ fn merge_run(
     // Whatever the copy judged from the index must be durable before the
     // output can replace the run: a put the copy dropped because a newer
     // write overwrote it is lost for good if that write is not.
-    if let Err(e) = inner.commit.sync_all_written(faults) {
-        let _ = fs::remove_file(&tmp);
+    if let Err(e) = inner.commit.sync_all_written() {
+        let _ = fs.remove_file(&tmp);
         return Err(e);
     }
     let path = id.path_in(&inner.dir);
-    if let Err(e) = check_fault(faults, IoPoint::Create)
-        .and_then(|()| fs::rename(&tmp, &path))
+    if let Err(e) = fs
+        .rename(&tmp, &path)
         .context(|| format!("rename {} into place", tmp.display()))
     {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs.remove_file(&tmp);
         return Err(e);
     }
-    if let Err(e) = sync_dir(&inner.dir, faults) {
+    if let Err(e) = sync_dir(&inner.dir, fs) {
         // The rename may or may not be durable: both are consistent on
         // disk, but the table can no longer say which. Reopen decides.
         inner.commit.poison(e.chain());
@@ -432,7 +431,7 @@ fn merge_run(
         return Err(stopped());
     }
     // A cache: a failure only means the next open scans the segment.
-    let _ = crate::hint::write(&inner.dir, id, &copied.hint);
+    let _ = crate::hint::write(fs, &inner.dir, id, &copied.hint);
     Ok(true)
 }
 
@@ -513,9 +512,8 @@ fn write_output<'a>(
     id: SegmentId,
     tmp: &std::path::Path,
 ) -> Result<(Copied<'a>, SealedSegment, u64, u32)> {
-    let faults = inner.options.fault_injector.as_deref();
     let (kept, applied) = collect(inner, run)?;
-    let mut out = Output::create(tmp, faults, inner.options.merge.bytes_per_second)?;
+    let mut out = Output::create(tmp, &*inner.fs, inner.options.merge.bytes_per_second)?;
     out.put(
         &SegmentHeader {
             kind: SegmentKind::Merged,
@@ -767,7 +765,7 @@ fn apply(
         for s in &run.sources {
             before += state.usage.remove(&s.id).map_or(0, |u| u.bytes);
             if let Some(r) = state.segments.remove(&s.id) {
-                r.retire();
+                r.retire(Arc::clone(&inner.fs));
                 if keep_for_views {
                     state.retired.push(Retired {
                         before_view,
@@ -897,8 +895,10 @@ struct Output<'a> {
     buf: Vec<u8>,
     /// Bytes put so far.
     len: usize,
+    /// Bytes written to the file so far.
+    written: u64,
     crc: crc32fast::Hasher,
-    faults: Option<&'a crate::log::FaultInjector>,
+    fs: &'a dyn FileSystem,
     bytes_per_second: u64,
     started: Instant,
 }
@@ -906,19 +906,20 @@ struct Output<'a> {
 impl<'a> Output<'a> {
     fn create(
         path: &std::path::Path,
-        faults: Option<&'a crate::log::FaultInjector>,
+        fs: &'a dyn FileSystem,
         bytes_per_second: u64,
     ) -> Result<Self> {
-        let file = check_fault(faults, IoPoint::Create)
-            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(path))
+        let file = fs
+            .create(path, true)
             .context(|| format!("create {}", path.display()))?;
         Ok(Output {
             file,
             path: path.to_path_buf(),
             buf: Vec::with_capacity(WRITE_CHUNK + MERGED_BLOCK_BYTES),
             len: 0,
+            written: 0,
             crc: crc32fast::Hasher::new(),
-            faults,
+            fs,
             bytes_per_second,
             started: Instant::now(),
         })
@@ -935,9 +936,10 @@ impl<'a> Output<'a> {
     }
 
     fn write_out(&mut self) -> Result<()> {
-        check_fault(self.faults, IoPoint::MergeWrite)
-            .and_then(|()| self.file.write_all(&self.buf))
+        self.fs
+            .write_at(&self.file, &self.buf, self.written)
             .context(|| format!("write {}", self.path.display()))?;
+        self.written += self.buf.len() as u64;
         self.buf.clear();
         if self.bytes_per_second > 0 {
             let due = Duration::from_secs_f64(self.len as f64 / self.bytes_per_second as f64);
@@ -950,8 +952,8 @@ impl<'a> Output<'a> {
 
     fn finish(&mut self) -> Result<()> {
         self.write_out()?;
-        check_fault(self.faults, IoPoint::Sync)
-            .and_then(|()| self.file.sync_data())
+        self.fs
+            .sync_data(&self.file)
             .context(|| format!("sync {}", self.path.display()))
     }
 }

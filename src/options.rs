@@ -216,7 +216,12 @@ pub struct Options {
     /// Prometheus metrics (DKV's `Stat` and the store's gauges), registered
     /// into the given registry. Default: `None` (no metrics).
     pub metrics: Option<crate::metrics::MetricsOptions>,
-    /// Test hook: fails chosen I/O calls of the writer. Default: `None`.
+    /// The file system every change on disk goes through. Default:
+    /// [`StdFileSystem`](crate::StdFileSystem); tests put a recording or
+    /// failing layer here ([`crate::crash::Recorder`]).
+    pub file_system: Arc<dyn crate::FileSystem>,
+    /// Test hook: fails a chosen file-system call (a layer over
+    /// `file_system`). Default: `None`.
     pub fault_injector: Option<Arc<FaultInjector>>,
 }
 
@@ -232,6 +237,7 @@ impl Default for Options {
             retention: Retention::default(),
             merge: MergeOptions::default(),
             metrics: None,
+            file_system: Arc::new(crate::StdFileSystem),
             fault_injector: None,
         }
     }
@@ -245,6 +251,18 @@ impl Options {
             self.segment_size
                 .saturating_sub(crate::format::max_overhead()),
         )
+    }
+
+    /// The file system to use: `file_system`, behind the fault injector
+    /// when there is one.
+    pub(crate) fn io(&self) -> Arc<dyn crate::FileSystem> {
+        match &self.fault_injector {
+            Some(faults) => Arc::new(crate::log::Faulty {
+                inner: Arc::clone(&self.file_system),
+                faults: Arc::clone(faults),
+            }),
+            None => Arc::clone(&self.file_system),
+        }
     }
 
     /// Checks that the options can work together.

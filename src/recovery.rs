@@ -21,7 +21,7 @@ use crate::format::{
 };
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
-    FaultInjector, SealedSegment, SegmentId, SyncFailedMarker, sync_dir, truncate_synced,
+    FileSystem, SealedSegment, SegmentId, SyncFailedMarker, sync_dir, truncate_synced,
 };
 use crate::options::RecoveryMode;
 use crate::replication::ChangeIndex;
@@ -160,13 +160,14 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentId>> {
 }
 
 /// Removes the output files of merges that had not committed.
-fn remove_unfinished_merges(dir: &Path) -> Result<usize> {
+fn remove_unfinished_merges(dir: &Path, fs: &dyn FileSystem) -> Result<usize> {
     let mut removed = 0;
     for entry in fs::read_dir(dir).context(|| format!("list {}", dir.display()))? {
         let entry = entry.context(|| format!("list {}", dir.display()))?;
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) == Some(crate::log::MERGING_EXTENSION) {
-            fs::remove_file(&path).context(|| format!("remove {}", path.display()))?;
+            fs.remove_file(&path)
+                .context(|| format!("remove {}", path.display()))?;
             removed += 1;
         }
     }
@@ -175,12 +176,8 @@ fn remove_unfinished_merges(dir: &Path) -> Result<usize> {
 
 /// Rebuilds the index from the segments in `dir`, from hint files where
 /// they are usable.
-pub(crate) fn recover(
-    dir: &Path,
-    mode: RecoveryMode,
-    faults: Option<&FaultInjector>,
-) -> Result<Recovered> {
-    recover_with(dir, mode, faults, false)
+pub(crate) fn recover(dir: &Path, mode: RecoveryMode, fs: &dyn FileSystem) -> Result<Recovered> {
+    recover_with(dir, mode, fs, false)
 }
 
 /// Reads and checks every segment of the store in `dir` as recovery would,
@@ -197,7 +194,13 @@ pub fn verify(dir: &Path) -> Result<RecoveryReport> {
         });
     }
     let _lock = crate::log::DirLock::acquire(dir)?;
-    let mut report = recover_with(dir, RecoveryMode::TolerateAnyCorruption, None, true)?.report;
+    let mut report = recover_with(
+        dir,
+        RecoveryMode::TolerateAnyCorruption,
+        &crate::StdFileSystem,
+        true,
+    )?
+    .report;
     // Hints are caches: one that open would not use is reported, not damage.
     for id in list_segments(dir)? {
         let map = SealedSegment::open_lazy(&id.path_in(dir))?;
@@ -230,13 +233,13 @@ impl Opened {
 fn recover_with(
     dir: &Path,
     mode: RecoveryMode,
-    faults: Option<&FaultInjector>,
+    fs: &dyn FileSystem,
     dry_run: bool,
 ) -> Result<Recovered> {
     let started = Instant::now();
     let mut report = RecoveryReport::default();
     if !dry_run {
-        report.unfinished_merges_removed = remove_unfinished_merges(dir)?;
+        report.unfinished_merges_removed = remove_unfinished_merges(dir, fs)?;
     }
     let ids = list_segments(dir)?;
     let marker = SyncFailedMarker::in_dir(dir);
@@ -285,7 +288,7 @@ fn recover_with(
                     reason: format!("segment header: {e}"),
                 });
                 if !dry_run {
-                    fs::remove_file(&path)
+                    fs.remove_file(&path)
                         .context(|| format!("remove torn segment {}", path.display()))?;
                     dir_changed = true;
                 }
@@ -329,7 +332,7 @@ fn recover_with(
             report.superseded_removed += 1;
             if !dry_run {
                 drop(o.map);
-                fs::remove_file(&o.path)
+                fs.remove_file(&o.path)
                     .context(|| format!("remove empty merged segment {}", o.path.display()))?;
                 dir_changed = true;
             }
@@ -348,7 +351,7 @@ fn recover_with(
             report.superseded_removed += 1;
             if !dry_run {
                 drop(o.map);
-                fs::remove_file(&o.path)
+                fs.remove_file(&o.path)
                     .context(|| format!("remove merged-away segment {}", o.path.display()))?;
                 dir_changed = true;
             }
@@ -357,7 +360,7 @@ fn recover_with(
         }
     }
     if dir_changed && !dry_run {
-        sync_dir(dir, faults)?;
+        sync_dir(dir, fs)?;
     }
     kept.sort_by_key(|o| (o.header.base_position, o.id));
 
@@ -415,7 +418,7 @@ fn recover_with(
             },
             &mut rebuilt,
             &mut report,
-            faults,
+            fs,
         )?;
         segments.push(scanned);
     }
@@ -432,11 +435,11 @@ fn recover_with(
             ));
         }
         if !dry_run {
-            marker.clear(faults)?;
+            marker.clear(fs)?;
         }
     }
     if !dry_run {
-        crate::hint::remove_orphans(dir)?;
+        crate::hint::remove_orphans(dir, fs)?;
     }
     // The replication feed is the gapless log after the newest merged range.
     rebuilt.changes.forget_below(merged_end);
@@ -853,7 +856,7 @@ fn scan_segment(
     seg: Scanning,
     rebuilt: &mut Rebuilt,
     report: &mut RecoveryReport,
-    faults: Option<&FaultInjector>,
+    fs: &dyn FileSystem,
 ) -> Result<ScannedSegment> {
     let Scanning {
         opened,
@@ -979,7 +982,7 @@ fn scan_segment(
             .write(true)
             .open(&path)
             .context(|| format!("open {} to truncate it", path.display()))?;
-        truncate_synced(&file, &path, end_offset as u64, faults)?;
+        truncate_synced(&file, &path, end_offset as u64, fs)?;
         SealedSegment::open(&path)?
     } else {
         map

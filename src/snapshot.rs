@@ -259,16 +259,16 @@ impl Store {
         let inner = &self.inner;
         inner.check_open()?;
         let _flag = GlobalMutation::take(inner)?;
-        let staging = staging_folder(&inner.dir)?;
+        let staging = staging_folder(&*inner.fs, &inner.dir)?;
         let staged = stage_snapshot(&staging, reader, &inner.options);
         let header = match staged {
             Ok(h) => h,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&staging);
+                let _ = crate::log::remove_dir_all(&*inner.fs, &staging);
                 return Err(e);
             }
         };
-        mark_complete(&staging)?;
+        mark_complete(&*inner.fs, &staging)?;
         inner.swap_in(&staging)?;
         Ok(header.change_number)
     }

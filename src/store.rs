@@ -17,7 +17,7 @@ pub(crate) mod usage;
 mod write;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +32,8 @@ use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, SegmentKind, decode_op};
 use crate::iter::{Iter, IterationOptions};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
-    ActiveMap, ActiveSegment, DirLock, GroupCommit, SealedSegment, SegmentId, Spare, sync_dir,
+    ActiveMap, ActiveSegment, DirLock, FileSystem, GroupCommit, SealedSegment, SegmentId, Spare,
+    sync_dir,
 };
 use crate::metrics::Op;
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
@@ -98,6 +99,8 @@ pub struct Store {
 pub(crate) struct Inner {
     pub(crate) dir: PathBuf,
     pub(crate) options: Options,
+    /// Where every change on disk goes: `options.io()`.
+    pub(crate) fs: Arc<dyn FileSystem>,
     /// The directory lock; taken out by `close`.
     lock: Mutex<Option<DirLock>>,
     /// Writers waiting for a leader (see `write`); taken before lock 1.
@@ -302,9 +305,9 @@ pub(crate) enum SegmentReader {
 
 impl SegmentReader {
     /// Marks a sealed segment merged away (see `SealedSegment::retire`).
-    pub(crate) fn retire(&self) {
+    pub(crate) fn retire(&self, fs: Arc<dyn FileSystem>) {
         if let SegmentReader::Sealed(s) = self {
-            s.retire();
+            s.retire(fs);
         }
     }
 
@@ -408,9 +411,8 @@ struct Assembled {
 
 /// Recovers the store in `dir` (whose lock the caller holds) and takes over
 /// its newest segment as the active one.
-fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
-    let faults = options.fault_injector.as_deref();
-    let recovered = recovery::recover(dir, options.recovery_mode, faults)?;
+fn assemble(dir: &Path, options: &Options, fs: &dyn FileSystem) -> Result<Assembled> {
+    let recovered = recovery::recover(dir, options.recovery_mode, fs)?;
     let next_segment = recovered
         .highest_id
         .map_or(Some(SegmentId(1)), SegmentId::next)
@@ -425,7 +427,13 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
             let (path, base, end) = (last.path.clone(), last.base_position, last.end_offset);
             drop(last);
             // Appended to from now on: its hint (if any) will be stale.
-            let _ = fs::remove_file(id.hint_path_in(dir));
+            let hint = id.hint_path_in(dir);
+            match fs.remove_file(&hint) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(format!("remove {}", hint.display()), e));
+                }
+                _ => {}
+            }
             unhinted.retain(|&u| u != id);
             ActiveSegment::reopen(
                 &path,
@@ -434,7 +442,7 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
                 end,
                 options.segment_size,
                 options.preallocate,
-                faults,
+                fs,
             )?
         }
         None => ActiveSegment::create(
@@ -443,7 +451,7 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
             scanned.last().map_or(0, |s| s.end_position),
             options.segment_size,
             options.preallocate,
-            faults,
+            fs,
         )?,
     };
     for s in scanned {
@@ -471,7 +479,7 @@ fn assemble(dir: &Path, options: &Options) -> Result<Assembled> {
     // A segment adopted as active may come from a rollover that crashed
     // before its folder was synced: make its directory entry durable before
     // anything is acknowledged in it.
-    sync_dir(dir, faults)?;
+    sync_dir(dir, fs)?;
     let next_segment = next_segment.max(active.id.next().unwrap_or(next_segment));
     let mut live_bytes = 0u64;
     for (id, sum) in &recovered.live {
@@ -504,8 +512,8 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        let faults = options.fault_injector.as_deref();
-        crate::backup::settle_swaps(&dir)?;
+        let io = options.io();
+        crate::backup::settle_swaps(&dir, &*io)?;
         if dir.join(crate::backup::BACKUP_MANIFEST).exists() {
             return Err(Error::InvalidPath {
                 path: dir,
@@ -515,28 +523,35 @@ impl Store {
             });
         }
         if !dir.is_dir() {
-            fs::create_dir_all(&dir)
+            crate::log::create_dir_all(&*io, &dir)
                 .context(|| format!("create store folder {}", dir.display()))?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent, faults)?;
+                sync_dir(parent, &*io)?;
             }
         }
         let lock = DirLock::acquire(&dir)?;
-        let a = assemble(&dir, &options)?;
-        let commit = GroupCommit::new(Arc::clone(&a.active.file), a.active.position(), &dir);
+        let a = assemble(&dir, &options, &*io)?;
+        let commit = GroupCommit::new(
+            Arc::clone(&a.active.file),
+            a.active.position(),
+            &dir,
+            Arc::clone(&io),
+        );
         let published = a.active.position();
         let (preallocate, segment_size, dir_for_spare) =
             (options.preallocate, options.segment_size, dir.clone());
         let inner = Arc::new(Inner {
             dir,
             options,
+            fs: Arc::clone(&io),
             lock: Mutex::new(Some(lock)),
             queue: WriteQueue::default(),
             writer: Mutex::new(Writer {
                 active: a.active,
                 buffer: Vec::new(),
                 next_segment: a.next_segment,
-                spare: preallocate.then(|| Spare::start(&dir_for_spare, segment_size)),
+                spare: preallocate
+                    .then(|| Spare::start(&dir_for_spare, segment_size, Arc::clone(&io))),
             }),
             state: RwLock::new(State {
                 live_bytes: a.live_bytes,
@@ -640,9 +655,7 @@ impl Store {
     /// Makes everything written so far durable, whatever the sync mode.
     pub fn sync(&self) -> Result<()> {
         self.inner.check_open()?;
-        self.inner
-            .commit
-            .sync_all_written(self.inner.options.fault_injector.as_deref())
+        self.inner.commit.sync_all_written()
     }
 
     /// Iterates live keys in ascending order; see [`Iter`] for the
@@ -677,14 +690,10 @@ impl Inner {
         }
     }
 
-    fn faults(&self) -> Option<&crate::log::FaultInjector> {
-        self.options.fault_injector.as_deref()
-    }
-
     /// Seals the active segment and starts the next one. Any failure poisons
     /// the writer: the on-disk state is then only trusted after reopen.
     fn rollover(&self, w: &mut Writer, on_demand: bool) -> Result<()> {
-        match w.active.seal(self.faults()) {
+        match w.active.seal(&*self.fs) {
             Ok(Some(crc)) => {
                 self.sealed_crcs
                     .lock()
@@ -712,7 +721,7 @@ impl Inner {
                     end,
                     self.options.segment_size,
                     spare,
-                    self.faults(),
+                    &*self.fs,
                 )?,
                 _ => ActiveSegment::create(
                     &self.dir,
@@ -720,11 +729,15 @@ impl Inner {
                     end,
                     self.options.segment_size,
                     false,
-                    self.faults(),
+                    &*self.fs,
                 )?,
             };
             if self.options.preallocate && (use_spare || w.spare.is_none()) {
-                w.spare = Some(Spare::start(&self.dir, self.options.segment_size));
+                w.spare = Some(Spare::start(
+                    &self.dir,
+                    self.options.segment_size,
+                    Arc::clone(&self.fs),
+                ));
             }
             let sealed = SealedSegment::open(&w.active.path)?;
             self.commit.switch_file(Arc::clone(&new.file), end);
@@ -775,10 +788,11 @@ impl Inner {
     /// failure only means the segment is scanned at the next open.
     pub(crate) fn write_hint_of(&self, id: SegmentId, reader: Arc<SegmentReader>) {
         let dir = self.dir.clone();
+        let fs = Arc::clone(&self.fs);
         let generation = self.generation.load(Ordering::Acquire);
         let current = Arc::clone(&self.generation);
         let job = std::thread::Builder::new()
-            .name("dkv-cask-hint".into())
+            .name(crate::log::HINT_THREAD.into())
             .spawn(move || {
                 let Some(bytes) = reader.sealed_bytes() else {
                     return;
@@ -786,7 +800,7 @@ impl Inner {
                 if let Some(hint) = crate::hint::build(bytes)
                     && current.load(Ordering::Acquire) == generation
                 {
-                    let _ = crate::hint::write(&dir, id, &hint);
+                    let _ = crate::hint::write(&*fs, &dir, id, &hint);
                 }
             });
         if let Ok(handle) = job {
@@ -847,9 +861,9 @@ impl Inner {
             if let Some(mut spare) = w.spare.take() {
                 spare.cancel();
             }
-            crate::backup::swap_folders(&self.dir, staging, &mut |_| true)?;
+            crate::backup::swap_folders(&*self.fs, &self.dir, staging, &mut |_| true)?;
             let lock = DirLock::acquire(&self.dir)?;
-            let a = assemble(&self.dir, &self.options)?;
+            let a = assemble(&self.dir, &self.options, &*self.fs)?;
             let position = a.active.position();
             *self.lock.lock() = Some(lock);
             self.commit.reset(Arc::clone(&a.active.file), position);
@@ -872,7 +886,11 @@ impl Inner {
             w.next_segment = a.next_segment;
             w.buffer.clear();
             if self.options.preallocate {
-                w.spare = Some(Spare::start(&self.dir, self.options.segment_size));
+                w.spare = Some(Spare::start(
+                    &self.dir,
+                    self.options.segment_size,
+                    Arc::clone(&self.fs),
+                ));
             }
             Ok(())
         })();
@@ -1012,7 +1030,7 @@ impl Inner {
             }
             match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),
-                None => self.commit.sync_all_written(self.faults()),
+                None => self.commit.sync_all_written(),
             }
         };
         {
@@ -1113,7 +1131,7 @@ impl Syncer {
                     }
                     let Some(inner) = inner.upgrade() else { break };
                     // A failure poisons the writer; the next write reports it.
-                    let _ = inner.commit.sync_all_written(inner.faults());
+                    let _ = inner.commit.sync_all_written();
                 }
             })
             .expect("spawn the interval sync thread");

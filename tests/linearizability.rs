@@ -1,6 +1,6 @@
 //! Per-key linearizability: threads put, delete, compare-and-set and get
-//! overlapping keys (while another thread takes backups), recording when
-//! each call started and returned; every key's history must have an order,
+//! overlapping keys (while another thread takes backups and merges),
+//! recording when each call started and returned; every key's history must have an order,
 //! consistent with real time, in which a register would give the same
 //! answers (Wing and Gong's search, memoised).
 
@@ -97,7 +97,7 @@ fn decode(v: &[u8]) -> u32 {
 }
 
 #[test]
-fn every_keys_history_is_linearizable_under_concurrent_writers_and_backups() {
+fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merges() {
     let mut rng = Rng::from_env("linearizability");
     for round in 0..20 {
         let dir = tempfile::tempdir().unwrap();
@@ -111,6 +111,7 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_and_backups() {
                         SyncMode::Never
                     },
                     segment_size: 8 << 10,
+                    retention: dkv_cask::Retention::none(),
                     ..test_options()
                 },
             )
@@ -180,13 +181,26 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_and_backups() {
                 })
             })
             .collect();
-        // Backups run beside the writers.
+        // Backups and merges (of everything sealed, the active segment
+        // sealed first) run beside the writers until they finish.
         barrier.wait();
-        for b in 0..3 {
+        let mut b = 0;
+        while b < 2 || !handles.iter().all(|h| h.is_finished()) {
             store
-                .backup_to(&dir.path().join(format!("backup-{b}")))
+                .backup_to(&dir.path().join(format!("backup-{}", b % 2)))
                 .unwrap();
+            store.merge().unwrap();
+            b += 1;
         }
+        // Merged by these calls or by the background merger.
+        let stats = store.stats().unwrap();
+        assert!(
+            stats
+                .segments
+                .iter()
+                .any(|s| s.kind == dkv_cask::format::SegmentKind::Merged),
+            "round {round}: nothing was merged"
+        );
         let events: Vec<Event> = handles
             .into_iter()
             .flat_map(|h| h.join().unwrap())

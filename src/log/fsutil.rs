@@ -3,11 +3,11 @@
 //! then fsync) so that no caller has to remember the order.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::fault::{FaultInjector, IoPoint, check};
+use super::fs::FileSystem;
 use crate::error::{Error, IoContext, Result};
 
 /// How long a busy directory lock is retried before `Error::Locked`.
@@ -18,9 +18,8 @@ pub const LOCK_FILE: &str = "LOCK";
 
 /// `fsync` of a directory, so that creates, renames and deletes in it are
 /// durable.
-pub(crate) fn sync_dir(dir: &Path, faults: Option<&FaultInjector>) -> Result<()> {
-    check(faults, IoPoint::SyncDir)
-        .and_then(|()| File::open(dir)?.sync_all())
+pub(crate) fn sync_dir(dir: &Path, fs: &dyn FileSystem) -> Result<()> {
+    fs.sync_dir(dir)
         .context(|| format!("sync directory {}", dir.display()))
 }
 
@@ -30,12 +29,10 @@ pub(crate) fn truncate_synced(
     file: &File,
     path: &Path,
     len: u64,
-    faults: Option<&FaultInjector>,
+    fs: &dyn FileSystem,
 ) -> Result<()> {
-    check(faults, IoPoint::Truncate)
-        .and_then(|()| file.set_len(len))
-        .and_then(|()| check(faults, IoPoint::Sync))
-        .and_then(|()| file.sync_all())
+    fs.set_len(file, len)
+        .and_then(|()| fs.sync_all(file))
         .context(|| format!("truncate {} to {len} bytes", path.display()))
 }
 
@@ -61,19 +58,16 @@ impl SyncFailedMarker {
 
     /// Records `durable` unless a marker already holds a lower position.
     /// Best effort: the disk is already failing.
-    pub(crate) fn record(&self, durable: u64) {
+    pub(crate) fn record(&self, durable: u64, fs: &dyn FileSystem) {
         if matches!(self.read(), Ok(Some(p)) if p <= durable) {
             return;
         }
-        let written = (|| -> io::Result<()> {
-            let mut f = File::create(&self.path)?;
-            f.write_all(format!("{durable}\n").as_bytes())?;
-            f.sync_all()
-        })();
+        let written = super::fs::write_file(fs, &self.path, format!("{durable}\n").as_bytes())
+            .and_then(|f| fs.sync_all(&f));
         if written.is_ok()
             && let Some(dir) = self.path.parent()
         {
-            let _ = sync_dir(dir, None);
+            let _ = sync_dir(dir, fs);
         }
     }
 
@@ -93,14 +87,14 @@ impl SyncFailedMarker {
     }
 
     /// Removes the marker once the log was cut, and syncs the folder.
-    pub(crate) fn clear(&self, faults: Option<&FaultInjector>) -> Result<()> {
-        match fs::remove_file(&self.path) {
+    pub(crate) fn clear(&self, fs: &dyn FileSystem) -> Result<()> {
+        match fs.remove_file(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(format!("remove {}", self.path.display()), e)),
         }
         match self.path.parent() {
-            Some(dir) => sync_dir(dir, faults),
+            Some(dir) => sync_dir(dir, fs),
             None => Ok(()),
         }
     }

@@ -10,10 +10,12 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
+use super::fs::FileSystem;
 use crate::error::{IoContext, Result};
 
 /// A sealed segment mapped read-only into memory.
@@ -28,7 +30,8 @@ pub(crate) struct SealedSegment {
     /// Device and inode of the mapped file, so that a retired segment never
     /// unlinks another file that took its name (after a restore).
     identity: (u64, u64),
-    retired: AtomicBool,
+    /// Set when retired: the file system that removes the file.
+    retired: parking_lot::Mutex<Option<Arc<dyn FileSystem>>>,
 }
 
 impl SealedSegment {
@@ -64,15 +67,15 @@ impl SealedSegment {
             map,
             path: parking_lot::Mutex::new(path.to_path_buf()),
             identity: (meta.dev(), meta.ino()),
-            retired: AtomicBool::new(false),
+            retired: parking_lot::Mutex::new(None),
         })
     }
 
     /// Marks the segment merged away: its file (and its hint) are removed
     /// when the last holder drops the map. A crash before then leaves a
     /// superseded file that the next open removes.
-    pub(crate) fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+    pub(crate) fn retire(&self, fs: Arc<dyn FileSystem>) {
+        *self.retired.lock() = Some(fs);
     }
 
     /// The segment's bytes.
@@ -94,16 +97,16 @@ impl SealedSegment {
 
 impl Drop for SealedSegment {
     fn drop(&mut self) {
-        if !self.retired.load(Ordering::Acquire) {
+        let Some(fs) = self.retired.get_mut().take() else {
             return;
-        }
+        };
         let path = self.path.get_mut();
         let same = std::fs::metadata(&*path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if same {
             // Best effort: a failure leaves a superseded file that the next
             // open removes.
-            let _ = std::fs::remove_file(&*path);
-            let _ = std::fs::remove_file(path.with_extension(super::HINT_EXTENSION));
+            let _ = fs.remove_file(path);
+            let _ = fs.remove_file(&path.with_extension(super::HINT_EXTENSION));
         }
     }
 }

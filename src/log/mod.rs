@@ -1,9 +1,11 @@
 //! The log layer: segment files on disk. File naming, the directory lock and
 //! durability helpers, the active segment writer with group commit, the
 //! read-only memory maps of sealed segments (the crate's only `unsafe`), and
-//! the fault-injection hook. It knows nothing of keys or the index.
+//! the file-system trait all changes go through (with its fault-injection
+//! layer). It knows nothing of keys or the index.
 
 mod fault;
+mod fs;
 mod fsutil;
 mod mmap;
 mod writer;
@@ -11,13 +13,20 @@ mod writer;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub(crate) use fault::Faulty;
 pub use fault::{FaultInjector, InjectedError};
-pub(crate) use fault::{IoPoint, check as check_fault};
+pub use fs::{FileSystem, StdFileSystem};
+pub(crate) use fs::{copy_synced, create_dir_all, remove_dir_all, write_file};
 pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
 pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
 pub(crate) use mmap::{ActiveMap, SealedSegment};
 pub use writer::SPARE_FILE;
 pub(crate) use writer::{ActiveSegment, GroupCommit, Spare};
+
+/// Name of the threads that write hint files in the background.
+pub(crate) const HINT_THREAD: &str = "dkv-cask-hint";
+/// Name of the thread that zero-fills the spare segment.
+pub(crate) const SPARE_THREAD: &str = "dkv-cask-spare";
 
 /// Extension of segment files.
 pub const SEGMENT_EXTENSION: &str = "seg";

@@ -3,7 +3,6 @@
 //! need durability share one `fdatasync`). Must not touch the index.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::fsutil::SyncFailedMarker;
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::SegmentId;
-use super::fault::{FaultInjector, IoPoint, check};
+use super::fs::FileSystem;
 use super::fsutil::{sync_dir, truncate_synced};
 use super::mmap::ActiveMap;
 use crate::error::{Error, IoContext, Result};
@@ -40,21 +39,16 @@ pub(crate) struct Spare {
 
 impl Spare {
     /// Starts preparing a spare of `capacity` bytes in `dir`.
-    pub(crate) fn start(dir: &Path, capacity: u64) -> Spare {
+    pub(crate) fn start(dir: &Path, capacity: u64, fs: Arc<dyn FileSystem>) -> Spare {
         let path = dir.join(SPARE_FILE);
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = Arc::clone(&cancel);
         let job = std::thread::Builder::new()
-            .name("dkv-cask-spare".into())
+            .name(super::SPARE_THREAD.into())
             .spawn(move || {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
-                write_zeros(&file, 0, capacity, &stop)?;
-                file.sync_all()?;
+                let file = fs.create(&path, false)?;
+                write_zeros(&*fs, &file, 0, capacity, &stop)?;
+                fs.sync_all(&file)?;
                 Ok(file)
             })
             .ok();
@@ -117,7 +111,7 @@ impl ActiveSegment {
         base_position: u64,
         capacity: u64,
         preallocate: bool,
-        faults: Option<&FaultInjector>,
+        fs: &dyn FileSystem,
     ) -> Result<Self> {
         let path = id.path_in(dir);
         let header = SegmentHeader {
@@ -125,17 +119,10 @@ impl ActiveSegment {
             id,
             base_position,
         };
-        let file = check(faults, IoPoint::Create)
-            .and_then(|()| {
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-            })
+        let file = fs
+            .create(&path, true)
             .context(|| format!("create segment {}", path.display()))?;
-        check(faults, IoPoint::Append)
-            .and_then(|()| file.write_all_at(&header.encode(), 0))
+        fs.write_at(&file, &header.encode(), 0)
             .context(|| format!("write header of segment {}", path.display()))?;
         let seg = ActiveSegment {
             id,
@@ -148,12 +135,11 @@ impl ActiveSegment {
             crc: Some(hasher_with(&header.encode())),
         };
         if preallocate {
-            seg.zero_fill(faults)?;
+            seg.zero_fill(fs)?;
         }
-        check(faults, IoPoint::Sync)
-            .and_then(|()| seg.file.sync_all())
+        fs.sync_all(&seg.file)
             .context(|| format!("sync new segment {}", seg.path.display()))?;
-        sync_dir(dir, faults)?;
+        sync_dir(dir, fs)?;
         let mut seg = seg;
         if preallocate {
             seg.map_for_readers()?;
@@ -170,10 +156,10 @@ impl ActiveSegment {
         base_position: u64,
         capacity: u64,
         spare: &mut Spare,
-        faults: Option<&FaultInjector>,
+        fs: &dyn FileSystem,
     ) -> Result<Self> {
         let Some(file) = spare.take() else {
-            return Self::create(dir, id, base_position, capacity, true, faults);
+            return Self::create(dir, id, base_position, capacity, true, fs);
         };
         let path = id.path_in(dir);
         let header = SegmentHeader {
@@ -181,14 +167,11 @@ impl ActiveSegment {
             id,
             base_position,
         };
-        check(faults, IoPoint::Append)
-            .and_then(|()| file.write_all_at(&header.encode(), 0))
-            .and_then(|()| check(faults, IoPoint::Sync))
-            .and_then(|()| file.sync_data())
-            .and_then(|()| check(faults, IoPoint::Create))
-            .and_then(|()| std::fs::rename(dir.join(SPARE_FILE), &path))
+        fs.write_at(&file, &header.encode(), 0)
+            .and_then(|()| fs.sync_data(&file))
+            .and_then(|()| fs.rename(&dir.join(SPARE_FILE), &path))
             .context(|| format!("turn the spare file into segment {}", path.display()))?;
-        sync_dir(dir, faults)?;
+        sync_dir(dir, fs)?;
         let len = file
             .metadata()
             .context(|| format!("stat segment {}", path.display()))?
@@ -216,7 +199,7 @@ impl ActiveSegment {
         offset: u64,
         capacity: u64,
         preallocate: bool,
-        faults: Option<&FaultInjector>,
+        fs: &dyn FileSystem,
     ) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -239,13 +222,12 @@ impl ActiveSegment {
             .context(|| format!("stat segment {}", path.display()))?
             .len();
         if preallocate && len < seg.capacity {
-            seg.zero_fill(faults)?;
+            seg.zero_fill(fs)?;
         }
         // What recovery found may still sit only in the page cache (the last
         // process wrote without syncing and exited). Make it durable before
         // the store reports it as such and stamps it as synced in new records.
-        check(faults, IoPoint::Sync)
-            .and_then(|()| seg.file.sync_all())
+        fs.sync_all(&seg.file)
             .context(|| format!("sync segment {}", path.display()))?;
         let mut seg = seg;
         if preallocate {
@@ -264,22 +246,20 @@ impl ActiveSegment {
 
     /// Writes zeros from the current length up to the capacity, so later
     /// appends overwrite allocated blocks and do not grow the file.
-    fn zero_fill(&self, faults: Option<&FaultInjector>) -> Result<()> {
+    fn zero_fill(&self, fs: &dyn FileSystem) -> Result<()> {
         let len = self
             .file
             .metadata()
             .context(|| format!("stat segment {}", self.path.display()))?
             .len();
-        check(faults, IoPoint::Append)
-            .and_then(|()| {
-                write_zeros(
-                    &self.file,
-                    len.max(self.offset),
-                    self.capacity,
-                    &std::sync::atomic::AtomicBool::new(false),
-                )
-            })
-            .context(|| format!("preallocate segment {}", self.path.display()))
+        write_zeros(
+            fs,
+            &self.file,
+            len.max(self.offset),
+            self.capacity,
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .context(|| format!("preallocate segment {}", self.path.display()))
     }
 
     /// Logical position at which the next record starts.
@@ -298,9 +278,8 @@ impl ActiveSegment {
     }
 
     /// Writes a record at the current offset and advances past it.
-    pub(crate) fn append(&mut self, bytes: &[u8], faults: Option<&FaultInjector>) -> Result<()> {
-        check(faults, IoPoint::Append)
-            .and_then(|()| self.file.write_all_at(bytes, self.offset))
+    pub(crate) fn append(&mut self, bytes: &[u8], fs: &dyn FileSystem) -> Result<()> {
+        fs.write_at(&self.file, bytes, self.offset)
             .context(|| format!("append to segment {}", self.id))?;
         self.offset += bytes.len() as u64;
         if let Some(map) = &self.map {
@@ -315,17 +294,17 @@ impl ActiveSegment {
     /// Makes the segment immutable: syncs its data and cuts the file to the
     /// records' end (dropping preallocated zeros). Returns the sealed file's
     /// CRC-32 when it was tracked.
-    pub(crate) fn seal(&self, faults: Option<&FaultInjector>) -> Result<Option<u32>> {
-        check(faults, IoPoint::Sync)
-            .and_then(|()| self.file.sync_data())
+    pub(crate) fn seal(&self, fs: &dyn FileSystem) -> Result<Option<u32>> {
+        fs.sync_data(&self.file)
             .context(|| format!("sync segment {}", self.id))?;
-        truncate_synced(&self.file, &self.path, self.offset, faults)?;
+        truncate_synced(&self.file, &self.path, self.offset, fs)?;
         Ok(self.crc.clone().map(crc32fast::Hasher::finalize))
     }
 }
 
 /// Writes zeros into `file` from offset `from` up to `to`, a chunk at a time.
 fn write_zeros(
+    fs: &dyn FileSystem,
     file: &File,
     from: u64,
     to: u64,
@@ -338,7 +317,7 @@ fn write_zeros(
             return Err(std::io::Error::other("spare preparation cancelled"));
         }
         let n = (to - at).min(ZERO_CHUNK as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
+        fs.write_at(file, &zeros[..n], at)?;
         at += n as u64;
     }
     Ok(())
@@ -365,6 +344,8 @@ pub(crate) struct GroupCommit {
     done: Condvar,
     /// Where a failed sync is recorded for the next open.
     marker: SyncFailedMarker,
+    /// Where the syncs (and the marker) go.
+    fs: Arc<dyn FileSystem>,
 }
 
 #[derive(Debug)]
@@ -380,7 +361,7 @@ struct SyncInner {
 impl GroupCommit {
     /// Starts with everything up to `position` written and durable; a
     /// failed sync is recorded in `dir`.
-    pub(crate) fn new(file: Arc<File>, position: u64, dir: &Path) -> Self {
+    pub(crate) fn new(file: Arc<File>, position: u64, dir: &Path, fs: Arc<dyn FileSystem>) -> Self {
         GroupCommit {
             written: AtomicU64::new(position),
             durable: AtomicU64::new(position),
@@ -393,6 +374,7 @@ impl GroupCommit {
             }),
             done: Condvar::new(),
             marker: SyncFailedMarker::in_dir(dir),
+            fs,
         }
     }
 
@@ -458,12 +440,12 @@ impl GroupCommit {
     /// (best effort) so that the next open cuts everything after it.
     pub(crate) fn sync_failed(&self, cause: String) {
         self.poison(cause);
-        self.marker.record(self.durable());
+        self.marker.record(self.durable(), &*self.fs);
     }
 
     /// Returns once everything up to `target` is durable, syncing if no
     /// other writer is already doing so.
-    pub(crate) fn wait_durable(&self, target: u64, faults: Option<&FaultInjector>) -> Result<()> {
+    pub(crate) fn wait_durable(&self, target: u64) -> Result<()> {
         if self.durable() >= target {
             return Ok(());
         }
@@ -486,7 +468,7 @@ impl GroupCommit {
             let upto = self.written();
             drop(g);
             let started = Instant::now();
-            let result = check(faults, IoPoint::Sync).and_then(|()| file.sync_data());
+            let result = self.fs.sync_data(&file);
             self.syncs.fetch_add(1, Ordering::Relaxed);
             let took = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
             let avg = self.sync_nanos.load(Ordering::Relaxed);
@@ -510,7 +492,7 @@ impl GroupCommit {
                     g.poisoned.get_or_insert_with(|| err.chain());
                     self.done.notify_all();
                     drop(g);
-                    self.marker.record(self.durable());
+                    self.marker.record(self.durable(), &*self.fs);
                     return Err(err);
                 }
             }
@@ -519,7 +501,7 @@ impl GroupCommit {
     }
 
     /// Syncs everything written so far.
-    pub(crate) fn sync_all_written(&self, faults: Option<&FaultInjector>) -> Result<()> {
-        self.wait_durable(self.written(), faults)
+    pub(crate) fn sync_all_written(&self) -> Result<()> {
+        self.wait_durable(self.written())
     }
 }

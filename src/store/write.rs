@@ -256,7 +256,7 @@ impl Inner {
             let mut w = self.writer.lock();
             let (mut outcomes, mut appended) = self.apply_group(&mut w, &mut ops);
             if let (Some(last), true) = (appended.last(), self.options.sync_mode.waits_for_sync())
-                && let Err(e) = self.commit.wait_durable(last.change_number, self.faults())
+                && let Err(e) = self.commit.wait_durable(last.change_number)
             {
                 // Every appended record of the group missed its sync: none
                 // is acknowledged, none is published.
@@ -383,7 +383,7 @@ impl Inner {
             return Ok(());
         }
         let buffer = std::mem::take(&mut w.buffer);
-        let written = w.active.append(&buffer, self.faults());
+        let written = w.active.append(&buffer, &*self.fs);
         w.buffer = buffer;
         w.buffer.clear();
         match written {

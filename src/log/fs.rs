@@ -1,0 +1,156 @@
+//! The file-system calls that change what is on disk, behind one trait.
+//!
+//! Every create, write, sync, truncate, rename, link and removal the engine
+//! makes goes through a [`FileSystem`]: in production the thin
+//! [`StdFileSystem`] wrapper over `std::fs`; in tests a layer that fails the
+//! n-th call ([`FaultInjector`](super::FaultInjector)) or one that records
+//! every call and builds the disk images a crash could leave
+//! ([`crate::crash::Recorder`]). Reads (`open`, `read`, memory maps,
+//! listings) go to `std::fs` directly: they change nothing a crash could
+//! lose.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// The mutating file-system calls of the engine. Implementations must do
+/// what the `std::fs` call of the same name does (a test layer may also
+/// fail it, or record it), so that reads through `std::fs` see the result.
+pub trait FileSystem: Send + Sync + fmt::Debug {
+    /// Creates a file opened for reading and writing: a new one when
+    /// `exclusive` (failing with `AlreadyExists` otherwise), else a new or
+    /// emptied one.
+    fn create(&self, path: &Path, exclusive: bool) -> io::Result<File>;
+    /// Writes all of `buf` at `offset` (`pwrite`).
+    fn write_at(&self, file: &File, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// `fdatasync`: the file's data and size are durable.
+    fn sync_data(&self, file: &File) -> io::Result<()>;
+    /// `fsync`: the file's data and metadata are durable.
+    fn sync_all(&self, file: &File) -> io::Result<()>;
+    /// Cuts or extends the file to `len` bytes.
+    fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
+    /// Renames a file or folder, replacing a file at `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file's name.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Gives the file at `original` a second name, `link`.
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()>;
+    /// Creates one folder.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Removes an empty folder.
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    /// `fsync` of a folder: the creates, renames and removals in it are
+    /// durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The production [`FileSystem`]: each call is the `std::fs` call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StdFileSystem;
+
+impl FileSystem for StdFileSystem {
+    fn create(&self, path: &Path, exclusive: bool) -> io::Result<File> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if exclusive {
+            o.create_new(true);
+        } else {
+            o.create(true).truncate(true);
+        }
+        o.open(path)
+    }
+
+    fn write_at(&self, file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+        file.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn sync_all(&self, file: &File) -> io::Result<()> {
+        file.sync_all()
+    }
+
+    fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        file.set_len(len)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
+        fs::hard_link(original, link)
+    }
+
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir(path)
+    }
+
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir(path)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+}
+
+/// Writes `contents` as the whole new content of `path` (not synced).
+pub(crate) fn write_file(fs: &dyn FileSystem, path: &Path, contents: &[u8]) -> io::Result<File> {
+    let file = fs.create(path, false)?;
+    fs.write_at(&file, contents, 0)?;
+    Ok(file)
+}
+
+/// Copies the file `src` to a new file `dst` and syncs the copy.
+pub(crate) fn copy_synced(fs: &dyn FileSystem, src: &Path, dst: &Path) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let from = File::open(src)?;
+    let to = fs.create(dst, false)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    loop {
+        let n = from.read_at(&mut buf, at)?;
+        if n == 0 {
+            break;
+        }
+        fs.write_at(&to, &buf[..n], at)?;
+        at += n as u64;
+    }
+    fs.sync_all(&to)
+}
+
+/// Removes a folder and everything in it, depth first.
+pub(crate) fn remove_dir_all(fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_dir_all(fs, &entry.path())?;
+        } else {
+            fs.remove_file(&entry.path())?;
+        }
+    }
+    fs.remove_dir(path)
+}
+
+/// Creates `path` and any missing parents.
+pub(crate) fn create_dir_all(fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
+    if path.as_os_str().is_empty() || path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        create_dir_all(fs, parent)?;
+    }
+    match fs.create_dir(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        other => other,
+    }
+}
