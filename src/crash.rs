@@ -103,12 +103,15 @@ enum Op {
 }
 
 /// A [`FileSystem`] that performs every call on the real file system and
-/// records it, for [`Replay`]. Only files and folders created through it
-/// under its root are tracked; a change to anything else is counted in
-/// [`untracked`](Self::untracked) (a test should check that it stays 0).
+/// records it, for [`Replay`]. Files and folders under its root (those
+/// there at the start, and those created through it) are tracked; a change
+/// to anything else is counted in [`untracked`](Self::untracked) (a test
+/// should check that it stays 0).
 #[derive(Debug)]
 pub struct Recorder {
     journal: Mutex<Journal>,
+    /// The durable state the recording starts from.
+    base: Model,
 }
 
 #[derive(Debug, Default)]
@@ -121,23 +124,21 @@ struct Journal {
 }
 
 impl Recorder {
-    /// A recorder whose root is the existing, empty folder `root`.
+    /// A recorder whose root is the existing folder `root`. What the folder
+    /// already holds (files and folders, read now) is taken as durable.
     pub fn new(root: &Path) -> io::Result<Arc<Recorder>> {
-        if std::fs::read_dir(root)?.next().is_some() {
-            return Err(io::Error::other(format!(
-                "the recorder's root {} is not empty",
-                root.display()
-            )));
-        }
         let mut journal = Journal {
             next_node: ROOT + 1,
             ..Journal::default()
         };
+        let mut base = Model::default();
         journal
             .nodes
             .insert(identity(&std::fs::metadata(root)?), ROOT);
+        journal.adopt_tree(root, ROOT, &mut base)?;
         Ok(Arc::new(Recorder {
             journal: Mutex::new(journal),
+            base,
         }))
     }
 
@@ -156,7 +157,7 @@ impl Recorder {
         Replay {
             ops: self.journal.lock().ops.clone(),
             at: 0,
-            model: Model::default(),
+            model: self.base.clone(),
         }
     }
 
@@ -182,6 +183,32 @@ fn identity(m: &std::fs::Metadata) -> (u64, u64) {
 }
 
 impl Journal {
+    /// Takes the existing contents of folder `dir` (node `node`) into
+    /// `model` as durable.
+    fn adopt_tree(&mut self, dir: &Path, node: Node, model: &mut Model) -> io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let Some(child) = self.adopt(&path) else {
+                continue;
+            };
+            model.dir(node).durable.insert(entry.file_name(), child);
+            if entry.file_type()?.is_dir() {
+                model.dirs.insert(child, DirState::default());
+                self.adopt_tree(&path, child, model)?;
+            } else {
+                model.files.insert(
+                    child,
+                    FileState {
+                        durable: std::fs::read(&path)?,
+                        pending: Vec::new(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn node_of_file(&self, file: &File) -> Option<Node> {
         let m = file.metadata().ok()?;
         self.nodes.get(&identity(&m)).copied()
@@ -783,14 +810,26 @@ mod tests {
     }
 
     #[test]
-    fn a_root_that_is_not_empty_is_refused_and_foreign_changes_are_counted() {
+    fn what_the_root_holds_is_durable_and_foreign_changes_are_counted() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::write(root.path().join("old"), b"x").unwrap();
-        assert!(Recorder::new(root.path()).is_err());
-        let root = tempfile::tempdir().unwrap();
-        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("db")).unwrap();
+        std::fs::write(root.path().join("db/old"), b"kept").unwrap();
         let rec = Recorder::new(root.path()).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.path().join("db/old"))
+            .unwrap();
+        rec.write_at(&f, b"lost", 0).unwrap();
+        let mut replay = rec.replay();
+        replay.advance_to(replay.len());
+        assert_eq!(
+            file(&replay, Loss::AllUnsynced, "db", "old").unwrap(),
+            b"kept"
+        );
+        assert_eq!(file(&replay, Loss::Nothing, "db", "old").unwrap(), b"lost");
+
+        let elsewhere = tempfile::tempdir().unwrap();
         rec.create(&elsewhere.path().join("f"), true).unwrap();
-        assert_eq!((rec.ops(), rec.untracked()), (0, 1));
+        assert_eq!((rec.ops(), rec.untracked()), (1, 1));
     }
 }

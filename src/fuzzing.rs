@@ -638,9 +638,13 @@ pub fn change_records(data: &[u8]) {
 /// segments; either stopped after a chosen step as by a crash, then
 /// reopened; everything and then a reopen), checked against a `BTreeMap`
 /// model after every step, and the store's figures (`stats()`) against
-/// the model after every merge. Nothing is retained for followers, so
-/// merges merge. (Crashes and injected I/O failures need the simulated
-/// file system the reliability harness adds.)
+/// the model after every merge; power losses (the store's folder replaced
+/// by a crash image from [`crate::crash`]: only what was synced, all of it,
+/// or random prefixes of unsynced changes with a torn write) and a failing
+/// next I/O call (EIO or ENOSPC in a put, a merge or a backup), each
+/// followed by a reopen. Writes are `SyncMode::Always`, so nothing
+/// acknowledged may be lost. Nothing is retained for followers, so merges
+/// merge.
 pub fn ops_model(data: &[u8]) {
     use crate::serverpb::{CompareAndSetRequest, KvPair};
     use crate::{Backupable, IterationOptions, KvStore, MergeStep};
@@ -651,13 +655,25 @@ pub fn ops_model(data: &[u8]) {
     let key = |b: Option<u8>| vec![b'k', b.unwrap_or(0) % 8];
     let mut bytes = data.iter().copied();
     let mut next = move || bytes.next();
-    let Ok(dir) = scratch_dir() else { return };
-    let db = dir.path().join("db");
-    let options = crate::Options {
+    let Ok(mut dir) = scratch_dir() else { return };
+    // Every change goes through a crash recorder (for the power-loss
+    // step) behind a fault injector (for the failing-call step).
+    let faults = std::sync::Arc::new(crate::FaultInjector::new());
+    let Ok(recorder) = crate::crash::Recorder::new(dir.path()) else {
+        return;
+    };
+    let mut options = crate::Options {
+        // Every acknowledged write is durable, so a power loss between
+        // steps loses nothing the model holds.
+        sync_mode: crate::SyncMode::Always,
         // The smallest segments, so that a few steps fill several.
         segment_size: 4096,
+        file_system: recorder.clone(),
+        fault_injector: Some(std::sync::Arc::clone(&faults)),
         ..merging_options(NOW)
     };
+    let mut recorder = recorder;
+    let mut db = dir.path().join("db");
     let mut store = crate::Store::open(&db, options.clone()).expect("open");
     let mut model: Model = BTreeMap::new();
     let live = |m: &Model, k: &[u8]| {
@@ -671,9 +687,9 @@ pub fn ops_model(data: &[u8]) {
             .map(|(k, (v, _))| (k.clone(), v.clone()))
             .collect()
     };
-    let reopen = |store: crate::Store| {
+    let reopen = |store: crate::Store, db: &std::path::Path, options: &crate::Options| {
         store.close().expect("close");
-        crate::Store::open(&db, options.clone()).expect("reopen")
+        crate::Store::open(db, options.clone()).expect("reopen")
     };
     // A merge stopped by its hook after `step`, as a crash would stop it.
     let stop_after = |step: MergeStep| move |s: MergeStep| s != step;
@@ -769,8 +785,8 @@ pub fn ops_model(data: &[u8]) {
                 assert_eq!(got, live_pairs(&model), "iteration");
             }
             _ if !heavy => {}
-            _ => match next().unwrap_or(0) % 8 {
-                0 => store = reopen(store),
+            _ => match next().unwrap_or(0) % 10 {
+                0 => store = reopen(store, &db, &options),
                 1 => {
                     let backup = dir.path().join("backup");
                     store.backup_to(&backup).expect("backup");
@@ -826,22 +842,95 @@ pub fn ops_model(data: &[u8]) {
                             let step = steps[usize::from(next().unwrap_or(0) % 3)];
                             let stopped = store.merge_segments(run, &mut stop_after(step));
                             assert!(stopped.is_err(), "the hook stops the merge");
-                            store = reopen(store);
+                            store = reopen(store, &db, &options);
                         }
                         merged = true;
                     }
                 }
                 5 => {
                     store.merge().expect("merge");
-                    store = reopen(store);
+                    store = reopen(store, &db, &options);
                     merged = true;
                 }
-                _ => {
+                7 => {
                     let step = steps[usize::from(next().unwrap_or(0) % 3)];
                     // Stopped only if some run is merged.
                     let _ = store.merge_with_hook(&mut stop_after(step));
-                    store = reopen(store);
+                    store = reopen(store, &db, &options);
                     merged = true;
+                }
+                8 => {
+                    // Power loss now: the image of what is durable (and,
+                    // as chosen, some unsynced changes), opened as a new
+                    // store, must hold everything acknowledged.
+                    let how = next().unwrap_or(0);
+                    let loss = match how % 3 {
+                        0 => crate::crash::Loss::AllUnsynced,
+                        1 => crate::crash::Loss::Nothing,
+                        _ => crate::crash::Loss::RandomPrefix {
+                            seed: u64::from(how),
+                        },
+                    };
+                    let mut replay = recorder.replay();
+                    replay.advance_to(replay.len());
+                    let image = replay.image(loss);
+                    drop(store);
+                    assert_eq!(recorder.untracked(), 0, "a change bypassed the recorder");
+                    dir = scratch_dir().expect("scratch folder");
+                    image.write_to(dir.path()).expect("write the image");
+                    recorder = crate::crash::Recorder::new(dir.path()).expect("recorder");
+                    options.file_system = recorder.clone();
+                    db = dir.path().join("db");
+                    store = crate::Store::open(&db, options.clone())
+                        .unwrap_or_else(|e| panic!("the image after {loss:?} does not open: {e}"));
+                }
+                _ => {
+                    // The next I/O call of a put, a merge or a backup
+                    // fails: a typed error, then a reopen holds the model
+                    // (plus the failed put, whole, or not at all).
+                    let n = u64::from(next().unwrap_or(0) % 4);
+                    let kind = if n % 2 == 0 {
+                        crate::InjectedError::Eio
+                    } else {
+                        crate::InjectedError::NoSpace
+                    };
+                    let k = key(next());
+                    let what = next().unwrap_or(0) % 3;
+                    faults.fail_after(n, kind);
+                    let result = match what {
+                        0 => store.put(&[KvPair {
+                            key: k.clone(),
+                            value: b"failing".to_vec(),
+                            expire_ts: 0,
+                        }]),
+                        1 => store.merge().map(|_| ()),
+                        _ => store.backup_to(&dir.path().join("backup")).map(|_| ()),
+                    };
+                    let fired = faults.fired() > 0;
+                    faults.disarm();
+                    if let Err(e) = &result {
+                        assert!(fired, "{e} without an injected fault");
+                        let text = e.chain();
+                        assert!(
+                            text.contains("os error 5")
+                                || text.contains("os error 28")
+                                || matches!(e, crate::Error::Poisoned { .. }),
+                            "an untyped failure: {text}"
+                        );
+                    }
+                    if what == 0 && result.is_ok() {
+                        model.insert(k.clone(), (b"failing".to_vec(), 0));
+                    }
+                    drop(store);
+                    store = crate::Store::open(&db, options.clone()).expect("reopen after a fault");
+                    if what == 0 && result.is_err() {
+                        // Whole or not at all.
+                        let got = store.get(&[&k]).expect("get").pop().map(|p| p.value);
+                        if got.as_deref() == Some(b"failing") {
+                            model.insert(k, (b"failing".to_vec(), 0));
+                        }
+                    }
+                    merged = what == 1;
                 }
             },
         }

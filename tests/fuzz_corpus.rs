@@ -364,6 +364,17 @@ fn crashed_merge(step: u8) -> [u8; 3] {
     [9, 7, step]
 }
 
+/// A power loss: `how % 3` 0 keeps only what was synced, 1 everything, 2
+/// random prefixes of unsynced changes (seeded by `how`).
+fn power_loss(how: u8) -> [u8; 3] {
+    [9, 8, how]
+}
+/// The `n`-th next I/O call fails (EIO for even `n`, ENOSPC for odd) in a
+/// put of key `key` (`what` 0), a merge (1) or a backup (2).
+fn failing(n: u8, key: u8, what: u8) -> [u8; 5] {
+    [9, 9, n, key, what]
+}
+
 #[test]
 fn ops_model_holds_its_properties_over_the_seed_corpus() {
     // Every kind of step, including reopen, backup-restore and snapshot.
@@ -416,6 +427,44 @@ fn ops_model_holds_its_properties_over_the_seed_corpus() {
             vec![7, 2],
             MERGE_AND_REOPEN.to_vec(),
             vec![7, 2, 9, 2],
+        ]
+        .concat(),
+        // Power losses of each kind, between writes and merges.
+        [
+            fill_steps(45),
+            power_loss(0).to_vec(),
+            fill_steps(20),
+            power_loss(1).to_vec(),
+            MERGE.to_vec(),
+            fill_steps(30),
+            power_loss(2).to_vec(),
+            power_loss(5).to_vec(),
+            fill_steps(30),
+            crashed_merge(1).to_vec(),
+            power_loss(0).to_vec(),
+        ]
+        .concat(),
+        // A failing call at each of the first four of a put, a merge and
+        // a backup.
+        [
+            fill_steps(30),
+            failing(0, 1, 0).to_vec(),
+            failing(1, 2, 0).to_vec(),
+            failing(2, 3, 0).to_vec(),
+            failing(3, 4, 0).to_vec(),
+            fill_steps(30),
+            failing(0, 0, 1).to_vec(),
+            fill_steps(10),
+            failing(1, 0, 1).to_vec(),
+            fill_steps(10),
+            failing(2, 0, 1).to_vec(),
+            fill_steps(10),
+            failing(3, 0, 1).to_vec(),
+            failing(0, 0, 2).to_vec(),
+            failing(1, 0, 2).to_vec(),
+            failing(2, 0, 2).to_vec(),
+            failing(3, 0, 2).to_vec(),
+            power_loss(0).to_vec(),
         ]
         .concat(),
     ];
