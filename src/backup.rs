@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::Progress;
 use crate::error::{Error, IoContext, Result};
 use crate::helpers::{create_temp_folder_with, rename_folder_with};
 use crate::log::{FileSystem, SegmentId, sync_dir};
@@ -295,6 +296,12 @@ fn write_file_atomically(
 /// Reads and checks the manifest and every file of the backup in `path`:
 /// sizes and CRC-32s. Touches nothing.
 pub fn verify_backup(path: &Path) -> Result<BackupInfo> {
+    verify_backup_with_progress(path, &mut |_, _| {})
+}
+
+/// [`verify_backup`], calling `progress(bytes checked, bytes in all)` after
+/// each file (for a progress bar).
+pub fn verify_backup_with_progress(path: &Path, progress: Progress<'_>) -> Result<BackupInfo> {
     check_restore_path(path)?;
     let manifest = path.join(BACKUP_MANIFEST);
     let text = match fs::read(&manifest) {
@@ -311,6 +318,8 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo> {
         Err(e) => return Err(Error::io(format!("read {}", manifest.display()), e)),
     };
     let info = BackupInfo::decode(&text, &manifest)?;
+    let total = info.bytes();
+    let mut done = 0;
     for f in &info.files {
         let file = path.join(&f.name);
         let bytes = fs::read(&file).map_err(|e| Error::InvalidBackup {
@@ -329,12 +338,27 @@ pub fn verify_backup(path: &Path) -> Result<BackupInfo> {
                 reason: "checksum does not match the manifest".into(),
             });
         }
+        done += f.len;
+        progress(done, total);
     }
     Ok(info)
 }
 
 impl Backupable for Store {
     fn backup_to(&self, path: &Path) -> Result<BackupInfo> {
+        self.backup_with_progress(path, &mut |_, _| {})
+    }
+
+    fn restore_from(&self, path: &Path) -> Result<Store> {
+        restore(self, path, &mut |_| true, &mut |_, _| {})
+    }
+}
+
+impl Store {
+    /// [`Backupable::backup_to`], calling `progress(bytes done, bytes in
+    /// all)` after each segment is checksummed and linked (for a progress
+    /// bar).
+    pub fn backup_with_progress(&self, path: &Path, progress: Progress<'_>) -> Result<BackupInfo> {
         let started = Instant::now();
         let inner = &self.inner;
         let fs = &*inner.fs;
@@ -358,6 +382,11 @@ impl Backupable for Store {
         let mut files = Vec::with_capacity(sealed.len());
         let mut linked = 0;
         let mut keep = std::collections::HashSet::new();
+        let total: u64 = sealed
+            .iter()
+            .map(|(_, _, r)| r.sealed_bytes().map_or(0, |b| b.len() as u64))
+            .sum();
+        let mut done = 0;
         for (id, src, reader) in &sealed {
             let name = id.file_name();
             let (len, crc) = inner.sealed_crc(*id, reader)?;
@@ -366,6 +395,8 @@ impl Backupable for Store {
             }
             keep.insert(name.clone());
             files.push(BackupFile { name, len, crc });
+            done += len;
+            progress(done, total);
         }
         // Segment files of an older backup that this one does not hold.
         for entry in fs::read_dir(path).context(|| format!("list {}", path.display()))? {
@@ -392,8 +423,11 @@ impl Backupable for Store {
         })
     }
 
-    fn restore_from(&self, path: &Path) -> Result<Store> {
-        restore_with_hook(self, path, &mut |_| true)
+    /// [`Backupable::restore_from`], calling `progress(bytes checked, bytes
+    /// in all)` while it verifies the backup (the long part: linking the
+    /// files is quick).
+    pub fn restore_with_progress(&self, path: &Path, progress: Progress<'_>) -> Result<Store> {
+        restore(self, path, &mut |_| true, progress)
     }
 }
 
@@ -421,12 +455,21 @@ pub fn restore_with_hook(
     path: &Path,
     hook: &mut dyn FnMut(RestoreStep) -> bool,
 ) -> Result<Store> {
+    restore(store, path, hook, &mut |_, _| {})
+}
+
+fn restore(
+    store: &Store,
+    path: &Path,
+    hook: &mut dyn FnMut(RestoreStep) -> bool,
+    progress: Progress<'_>,
+) -> Result<Store> {
     let inner = &store.inner;
     let fs = &*inner.fs;
     inner.check_open()?;
     check_restore_path(path)?;
     let flag = GlobalMutation::take(inner)?;
-    let info = verify_backup(path)?;
+    let info = verify_backup_with_progress(path, progress)?;
     let crashed = || Error::InvalidOptions("restore stopped by its test hook".into());
     if !hook(RestoreStep::Verified) {
         return Err(crashed());

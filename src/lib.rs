@@ -57,7 +57,7 @@ pub struct ReadmeDoctests;
 
 pub use backup::{
     BACKUP_MANIFEST, BackupFile, BackupInfo, Backupable, RestoreStep, restore_with_hook,
-    verify_backup,
+    verify_backup, verify_backup_with_progress,
 };
 pub use error::{Error, Result};
 pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
@@ -72,7 +72,13 @@ pub use metrics::{MetricsOptions, OBJECTIVES, Op, Stat, WindowedSummary};
 pub use options::{
     Clock, MAX_KEY_LEN, MAX_VALUE_LEN, MergeOptions, Options, RecoveryMode, Retention, SyncMode,
 };
-pub use recovery::{DamagedRange, HintFallback, RecoveryReport, TruncatedTail, verify};
+pub use recovery::{
+    DamagedRange, HintFallback, RecoveryReport, TruncatedTail, verify, verify_with_progress,
+};
+
+/// A progress callback for long operations: called with the bytes done so
+/// far and the bytes in all (which may be 0 when unknown).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 pub use replication::{
     ChangeApplier, ChangePropagator, ReplicationProgress, replicate, replicate_until_caught_up,
 };

@@ -177,7 +177,7 @@ fn remove_unfinished_merges(dir: &Path, fs: &dyn FileSystem) -> Result<usize> {
 /// Rebuilds the index from the segments in `dir`, from hint files where
 /// they are usable.
 pub(crate) fn recover(dir: &Path, mode: RecoveryMode, fs: &dyn FileSystem) -> Result<Recovered> {
-    recover_with(dir, mode, fs, false)
+    recover_with(dir, mode, fs, false, &mut |_| {})
 }
 
 /// Reads and checks every segment of the store in `dir` as recovery would,
@@ -187,6 +187,13 @@ pub(crate) fn recover(dir: &Path, mode: RecoveryMode, fs: &dyn FileSystem) -> Re
 /// of the whole segment included) in `hint_fallbacks`. Takes the directory lock, so it fails with
 /// [`Error::Locked`] while the store is open.
 pub fn verify(dir: &Path) -> Result<RecoveryReport> {
+    verify_with_progress(dir, &mut |_, _| {})
+}
+
+/// [`verify`], calling `progress(bytes read, bytes to read)` after each
+/// segment (for a progress bar). Every segment is read twice: once record
+/// by record, once whole for the checksums its hint recorded.
+pub fn verify_with_progress(dir: &Path, progress: crate::Progress<'_>) -> Result<RecoveryReport> {
     if !dir.is_dir() {
         return Err(Error::InvalidPath {
             path: dir.to_path_buf(),
@@ -194,16 +201,27 @@ pub fn verify(dir: &Path) -> Result<RecoveryReport> {
         });
     }
     let _lock = crate::log::DirLock::acquire(dir)?;
+    let total = 2 * list_segments(dir)?
+        .iter()
+        .map(|id| fs::metadata(id.path_in(dir)).map_or(0, |m| m.len()))
+        .sum::<u64>();
+    let mut done = 0;
     let mut report = recover_with(
         dir,
         RecoveryMode::TolerateAnyCorruption,
         &crate::StdFileSystem,
         true,
+        &mut |bytes| {
+            done += bytes;
+            progress(done, total);
+        },
     )?
     .report;
     // Hints are caches: one that open would not use is reported, not damage.
     for id in list_segments(dir)? {
         let map = SealedSegment::open_lazy(&id.path_in(dir))?;
+        done += map.bytes().len() as u64;
+        progress(done.min(total), total);
         if let Err(reason) = crate::hint::check(dir, id, map.bytes()) {
             report.hint_fallbacks.push(HintFallback {
                 segment: id,
@@ -235,6 +253,7 @@ fn recover_with(
     mode: RecoveryMode,
     fs: &dyn FileSystem,
     dry_run: bool,
+    read: &mut dyn FnMut(u64),
 ) -> Result<Recovered> {
     let started = Instant::now();
     let mut report = RecoveryReport::default();
@@ -408,6 +427,7 @@ fn recover_with(
             }
         }
         report.segments_scanned += 1;
+        let len = o.map.bytes().len() as u64;
         let scanned = scan_segment(
             Scanning {
                 opened: o,
@@ -420,6 +440,7 @@ fn recover_with(
             &mut report,
             fs,
         )?;
+        read(len);
         segments.push(scanned);
     }
     if let Some(limit) = durable_limit {

@@ -12,7 +12,7 @@ use common::disk::{Model, contents};
 use common::*;
 use dkv_cask::{
     BACKUP_MANIFEST, Backupable, ChangePropagator, Error, KvStore, Options, RestoreStep, Store,
-    SyncMode, restore_with_hook, verify_backup,
+    SyncMode, restore_with_hook, verify_backup, verify_backup_with_progress,
 };
 
 fn options() -> Options {
@@ -542,4 +542,44 @@ fn a_backup_on_another_file_system_is_copied_and_restores() {
     put_keys(&store, "y", 10);
     let restored = store.restore_from(&backup).unwrap();
     assert!(has_keys(&restored, "x", 300) && no_keys(&restored, "y", 10));
+}
+
+#[test]
+fn backup_verify_and_restore_report_progress_up_to_the_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path().join("db"),
+        Options {
+            segment_size: 8 << 10,
+            ..test_options()
+        },
+    )
+    .unwrap();
+    for i in 0..200 {
+        store.put(&[pair(format!("k{i}"), [7u8; 100])]).unwrap();
+    }
+    let calls = |f: &mut dyn FnMut(dkv_cask::Progress<'_>)| {
+        let mut seen: Vec<(u64, u64)> = Vec::new();
+        f(&mut |done, total| seen.push((done, total)));
+        assert!(seen.len() > 1, "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+        let (done, total) = *seen.last().unwrap();
+        assert!(total > 0 && done == total, "{seen:?}");
+        seen
+    };
+    let backup = dir.path().join("backup");
+    let mut info = None;
+    calls(&mut |p| info = Some(store.backup_with_progress(&backup, p).unwrap()));
+    let info = info.unwrap();
+    let seen = calls(&mut |p| {
+        verify_backup_with_progress(&backup, p).unwrap();
+    });
+    assert_eq!(seen.last().unwrap().1, info.bytes());
+    let mut restored = None;
+    calls(&mut |p| restored = Some(store.restore_with_progress(&backup, p).unwrap()));
+    let restored = restored.unwrap();
+    restored.close().unwrap();
+    calls(&mut |p| {
+        dkv_cask::verify_with_progress(&dir.path().join("db"), p).unwrap();
+    });
 }

@@ -22,6 +22,19 @@ fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).expect("utf-8 output")
 }
 
+/// The standard output of a command that succeeded without a word on
+/// standard error: long commands draw their progress bars only on a
+/// terminal, so piped they stay quiet.
+fn quiet(o: &Output) -> String {
+    let out = stdout(o);
+    assert!(
+        o.stderr.is_empty(),
+        "stderr not empty: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 #[test]
 fn data_commands_put_get_cas_scan_and_delete() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,12 +153,12 @@ fn backup_verify_restore_and_snapshot_commands_round_trip_a_store() {
     let os = |s: &str| std::ffi::OsString::from(s);
     stdout(&dkv(&db, &["put", "kept", "1"]));
     let backup = dir.path().join("backup");
-    let out = stdout(&run(&[&os("backup"), db.as_os_str(), backup.as_os_str()]));
+    let out = quiet(&run(&[&os("backup"), db.as_os_str(), backup.as_os_str()]));
     assert!(out.contains("backed up"), "{out}");
-    let out = stdout(&run(&[&os("verify-backup"), backup.as_os_str()]));
+    let out = quiet(&run(&[&os("verify-backup"), backup.as_os_str()]));
     assert!(out.contains("is intact"), "{out}");
     stdout(&dkv(&db, &["put", "later", "2"]));
-    let out = stdout(&run(&[&os("restore"), backup.as_os_str(), db.as_os_str()]));
+    let out = quiet(&run(&[&os("restore"), backup.as_os_str(), db.as_os_str()]));
     assert!(out.contains("restored"), "{out}");
     assert_eq!(dkv(&db, &["get", "later"]).status.code(), Some(3));
     assert_eq!(stdout(&dkv(&db, &["get", "kept"])), "1\n");
@@ -162,7 +175,7 @@ fn backup_verify_restore_and_snapshot_commands_round_trip_a_store() {
     assert_eq!(o.status.code(), Some(1));
 
     let snap = dir.path().join("snap.bin");
-    let out = stdout(&run(&[
+    let out = quiet(&run(&[
         &os("snapshot"),
         &os("export"),
         db.as_os_str(),
@@ -171,7 +184,7 @@ fn backup_verify_restore_and_snapshot_commands_round_trip_a_store() {
     assert!(out.contains("exported"), "{out}");
     let other = dir.path().join("other");
     stdout(&dkv(&other, &["put", "gone", "x"]));
-    let out = stdout(&run(&[
+    let out = quiet(&run(&[
         &os("snapshot"),
         &os("import"),
         snap.as_os_str(),
@@ -337,4 +350,43 @@ fn bench_plot_writes_an_svg_with_both_panels() {
     }
     assert!(text.matches("<polyline").count() >= 5);
     assert!(text.matches("<rect").count() > 4);
+}
+
+#[test]
+fn long_commands_draw_a_progress_bar_on_a_terminal() {
+    // `script` runs the command on a pseudo-terminal; skip where it is
+    // missing (it is part of util-linux).
+    let has_script = Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        eprintln!("skipped: no `script` to provide a terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    stdout(&dkv(&db, &["put", "k", "v"]));
+    let bin = env!("CARGO_BIN_EXE_dkv-cask");
+    let on_terminal = |args: &str| {
+        let o = Command::new("script")
+            .args(["-qec", &format!("{bin} {args}"), "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let shown = on_terminal(&format!("--db {} verify", db.display()));
+    assert!(
+        shown.contains("verify [") && shown.contains("verify: ") && shown.contains("no damage"),
+        "{shown}"
+    );
+    let backup = dir.path().join("backup");
+    let shown = on_terminal(&format!("backup {} {}", db.display(), backup.display()));
+    assert!(
+        shown.contains("backup [") && shown.contains("100%"),
+        "{shown}"
+    );
+    // Piped, the same command prints only its result.
+    assert!(!quiet(&dkv(&db, &["verify"])).contains('['));
 }

@@ -167,13 +167,14 @@ enum SnapshotCommand {
     },
 }
 
-/// A progress line on stderr, drawn only on a terminal and at most ten
+/// A progress bar on stderr, drawn only when stderr is a terminal (so
+/// nothing is printed when output is piped or captured) and at most ten
 /// times a second.
 struct Progress {
     label: &'static str,
     total: u64,
     done: u64,
-    shown: std::time::Instant,
+    shown: Option<std::time::Instant>,
     on: bool,
 }
 
@@ -183,24 +184,51 @@ impl Progress {
             label,
             total,
             done: 0,
-            shown: std::time::Instant::now(),
+            shown: None,
             on: std::io::stderr().is_terminal(),
         }
     }
 
+    /// Records `done` of `total` bytes.
+    fn set(&mut self, done: u64, total: u64) {
+        self.done = done;
+        self.total = total;
+        self.draw();
+    }
+
+    /// Records `n` more bytes done.
     fn add(&mut self, n: u64) {
         self.done += n;
-        if self.on && self.shown.elapsed().as_millis() >= 100 {
-            self.shown = std::time::Instant::now();
-            let pct = (self.done * 100)
-                .checked_div(self.total)
-                .map(|p| format!(" ({p}%)"))
-                .unwrap_or_default();
-            eprint!(
-                "\r\x1b[2K{}: {:.1} MiB{pct}",
-                self.label,
-                self.done as f64 / 1048576.0
-            );
+        self.draw();
+    }
+
+    fn draw(&mut self) {
+        if !self.on || self.shown.is_some_and(|t| t.elapsed().as_millis() < 100) {
+            return;
+        }
+        self.shown = Some(std::time::Instant::now());
+        eprint!("\r\x1b[2K{}", self.line());
+    }
+
+    /// `label [#######-----------]  35%  12.0 / 34.2 MiB`, or without the
+    /// bar when the total is unknown.
+    fn line(&self) -> String {
+        const WIDTH: u64 = 30;
+        let mib = |b: u64| b as f64 / 1048576.0;
+        match (self.done * 100).checked_div(self.total) {
+            Some(pct) => {
+                let pct = pct.min(100);
+                let filled = (pct * WIDTH / 100) as usize;
+                format!(
+                    "{} [{}{}] {pct:>3}%  {:.1} / {:.1} MiB",
+                    self.label,
+                    "#".repeat(filled),
+                    "-".repeat(WIDTH as usize - filled),
+                    mib(self.done),
+                    mib(self.total)
+                )
+            }
+            None => format!("{}: {:.1} MiB", self.label, mib(self.done)),
         }
     }
 
@@ -213,6 +241,21 @@ impl Progress {
             );
         }
     }
+}
+
+/// Runs `f` with a progress bar fed by its `(done, total)` callback.
+fn with_progress<T>(
+    label: &'static str,
+    f: impl FnOnce(dkv_cask::Progress<'_>) -> dkv_cask::Result<T>,
+) -> dkv_cask::Result<T> {
+    let mut bar = Progress::new(label, 0);
+    let result = f(&mut |done, total| bar.set(done, total));
+    if result.is_ok() {
+        bar.finish();
+    } else if bar.on && bar.shown.is_some() {
+        eprintln!();
+    }
+    result
 }
 
 /// A reader or writer that reports the bytes passing through it.
@@ -426,7 +469,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             store.close()?;
         }
         Command::Verify if cli.json => {
-            let r = dkv_cask::verify(&cli.db)?;
+            let r = with_progress("verify", |p| dkv_cask::verify_with_progress(&cli.db, p))?;
             let damaged: Vec<String> = r
                 .skipped
                 .iter()
@@ -461,7 +504,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
         Command::Verify => {
-            let r = dkv_cask::verify(&cli.db)?;
+            let r = with_progress("verify", |p| dkv_cask::verify_with_progress(&cli.db, p))?;
             writeln!(
                 out,
                 "{} segments, {} records, {} bytes verified",
@@ -570,7 +613,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Backup { db, dir } => {
             let store = open(&db)?;
-            let info = dkv_cask::Backupable::backup_to(&store, &dir)?;
+            let info = with_progress("backup", |p| store.backup_with_progress(&dir, p))?;
             store.close()?;
             writeln!(
                 out,
@@ -584,12 +627,9 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             )?;
         }
         Command::Restore { dir, db } => {
-            let mut progress = Progress::new("verify", 0);
-            let info = dkv_cask::verify_backup(&dir)?;
-            progress.add(info.bytes());
-            progress.finish();
             let store = open(&db)?;
-            let restored = dkv_cask::Backupable::restore_from(&store, &dir)?;
+            let restored =
+                with_progress("verify backup", |p| store.restore_with_progress(&dir, p))?;
             writeln!(
                 out,
                 "restored {} into {} at change number {}",
@@ -600,7 +640,9 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             restored.close()?;
         }
         Command::VerifyBackup { dir } => {
-            let info = dkv_cask::verify_backup(&dir)?;
+            let info = with_progress("verify backup", |p| {
+                dkv_cask::verify_backup_with_progress(&dir, p)
+            })?;
             writeln!(
                 out,
                 "backup {} is intact: change number {}, {} files, {:.1} MiB",
