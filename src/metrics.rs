@@ -6,7 +6,7 @@
 //! uncontended lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -112,16 +112,52 @@ const BUCKETS: u32 = 10;
 #[derive(Debug)]
 struct Bucket {
     start: Instant,
-    seen: u64,
     samples: Vec<f64>,
-    rng: u64,
 }
 
+/// One operation's series. Count, sum and the newest bucket's observation
+/// count are atomics, so that most observations take no lock: once the
+/// newest bucket holds `BUCKET_SAMPLES` samples, reservoir sampling keeps a
+/// new observation only with probability `BUCKET_SAMPLES / seen`, and that
+/// draw is made before taking the lock.
 #[derive(Debug)]
+#[repr(align(128))] // one series per cache-line pair: no false sharing
 struct Series {
-    buckets: Vec<Bucket>,
-    count: u64,
-    sum: f64,
+    count: AtomicU64,
+    /// Sum of the latencies, in nanoseconds.
+    sum_nanos: AtomicU64,
+    /// Observations since the newest bucket started.
+    seen: AtomicU64,
+    /// When the newest bucket ends, in nanoseconds since the summary's
+    /// epoch (0: no bucket yet).
+    rotate_at: AtomicU64,
+    buckets: Mutex<Vec<Bucket>>,
+}
+
+thread_local! {
+    /// Each thread's reservoir draws (xorshift).
+    static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A uniform draw in `0..n`, from this thread's generator.
+fn draw_below(n: u64) -> u64 {
+    DRAWS.with(|d| {
+        let mut x = d.get();
+        if x == 0 {
+            // Seeded per thread (each `RandomState` has its own keys).
+            use std::hash::{BuildHasher, Hasher};
+            x = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                | 1;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        d.set(x);
+        // Multiply-high: no division on the hot path.
+        ((u128::from(x) * u128::from(n)) >> 64) as u64
+    })
 }
 
 /// A summary with quantiles over a sliding window: observations land in
@@ -132,7 +168,8 @@ struct Series {
 pub struct WindowedSummary {
     desc: Desc,
     window: Duration,
-    series: Vec<Mutex<Series>>,
+    epoch: Instant,
+    series: Vec<Series>,
 }
 
 impl WindowedSummary {
@@ -141,14 +178,15 @@ impl WindowedSummary {
         Ok(WindowedSummary {
             desc,
             window,
+            epoch: Instant::now(),
             series: Op::ALL
                 .iter()
-                .map(|_| {
-                    Mutex::new(Series {
-                        buckets: Vec::new(),
-                        count: 0,
-                        sum: 0.0,
-                    })
+                .map(|_| Series {
+                    count: AtomicU64::new(0),
+                    sum_nanos: AtomicU64::new(0),
+                    seen: AtomicU64::new(0),
+                    rotate_at: AtomicU64::new(0),
+                    buckets: Mutex::new(Vec::new()),
                 })
                 .collect(),
         })
@@ -162,51 +200,54 @@ impl WindowedSummary {
     /// Records one latency of `op` that ended at `now` (saves a clock read
     /// when the caller has just taken one).
     pub fn observe_at(&self, op: Op, seconds: f64, now: Instant) {
-        let slice = self.window / BUCKETS;
-        let mut s = self.series[op as usize].lock();
-        s.count += 1;
-        s.sum += seconds;
-        let fresh = s
-            .buckets
-            .last()
-            .is_some_and(|b| now.duration_since(b.start) < slice);
-        if !fresh {
-            let window = self.window;
-            s.buckets.retain(|b| now.duration_since(b.start) < window);
-            let seed = s.count.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            s.buckets.push(Bucket {
-                start: now,
-                seen: 0,
-                samples: Vec::new(),
-                rng: seed,
-            });
-        }
-        let b = s.buckets.last_mut().expect("a bucket was just ensured");
-        b.seen += 1;
-        if b.samples.len() < BUCKET_SAMPLES {
-            b.samples.push(seconds);
-        } else {
-            b.rng ^= b.rng << 13;
-            b.rng ^= b.rng >> 7;
-            b.rng ^= b.rng << 17;
-            let j = b.rng % b.seen;
-            if (j as usize) < BUCKET_SAMPLES {
-                b.samples[j as usize] = seconds;
+        let s = &self.series[op as usize];
+        s.count.fetch_add(1, Ordering::Relaxed);
+        s.sum_nanos
+            .fetch_add((seconds * 1e9).round() as u64, Ordering::Relaxed);
+        let at = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let seen = s.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        let current = at < s.rotate_at.load(Ordering::Acquire);
+        // Reservoir sampling: the `seen`-th observation of a full bucket
+        // replaces a random sample with probability BUCKET_SAMPLES / seen.
+        let slot = if current && seen > BUCKET_SAMPLES as u64 {
+            let j = draw_below(seen);
+            if j >= BUCKET_SAMPLES as u64 {
+                return;
             }
+            Some(j as usize)
+        } else {
+            None
+        };
+        let mut buckets = s.buckets.lock();
+        if at >= s.rotate_at.load(Ordering::Acquire) {
+            let window = self.window;
+            buckets.retain(|b| now.saturating_duration_since(b.start) < window);
+            buckets.push(Bucket {
+                start: now,
+                samples: Vec::new(),
+            });
+            let slice = (self.window / BUCKETS).as_nanos() as u64;
+            s.seen.store(1, Ordering::Relaxed);
+            s.rotate_at.store(at + slice.max(1), Ordering::Release);
+        }
+        let b = buckets.last_mut().expect("a bucket was just ensured");
+        match slot {
+            Some(j) if j < b.samples.len() => b.samples[j] = seconds,
+            _ if b.samples.len() < BUCKET_SAMPLES => b.samples.push(seconds),
+            _ => {}
         }
     }
 
     /// The quantiles of `op` over the window (NaN when it saw nothing).
     pub fn quantiles(&self, op: Op) -> Vec<(f64, f64)> {
         let now = Instant::now();
-        let s = self.series[op as usize].lock();
-        let mut all: Vec<f64> = s
-            .buckets
+        let buckets = self.series[op as usize].buckets.lock();
+        let mut all: Vec<f64> = buckets
             .iter()
-            .filter(|b| now.duration_since(b.start) < self.window)
+            .filter(|b| now.saturating_duration_since(b.start) < self.window)
             .flat_map(|b| b.samples.iter().copied())
             .collect();
-        drop(s);
+        drop(buckets);
         all.sort_by(f64::total_cmp);
         OBJECTIVES
             .iter()
@@ -230,10 +271,9 @@ impl Collector for WindowedSummary {
     fn collect(&self) -> Vec<MetricFamily> {
         let mut metrics = Vec::new();
         for op in Op::ALL {
-            let (count, sum) = {
-                let s = self.series[op as usize].lock();
-                (s.count, s.sum)
-            };
+            let s = &self.series[op as usize];
+            let count = s.count.load(Ordering::Relaxed);
+            let sum = s.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
             let mut summary = proto::Summary::default();
             summary.set_sample_count(count);
             summary.set_sample_sum(sum);

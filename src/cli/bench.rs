@@ -168,6 +168,110 @@ fn timed<T>(name: &str, items: impl Iterator<Item = T>, mut f: impl FnMut(T)) ->
     }
 }
 
+/// The cost of metrics (DKV's `Stat` and the store collector): the same
+/// puts and gets on two stores, one with metrics and one without, in
+/// alternating blocks so that drift in the machine's speed hits both alike.
+/// Two stores differ by more than metrics (where their index and files
+/// landed in memory moves a get by several per cent), so the comparison
+/// runs twice: then both stores are reopened with the roles swapped, and
+/// the cost is the geometric mean of the two rounds' median block ratios,
+/// in which each store's own speed cancels.
+fn metrics_rows(
+    dir: &Path,
+    workload: &Workload,
+    n: u64,
+    rows: &mut Vec<Row>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    const BLOCKS: u64 = 20;
+    progress("metrics cost: puts and gets with and without metrics");
+    let open = |name: &str, metrics: bool| {
+        Store::open(
+            dir.join(name),
+            Options {
+                sync_mode: SyncMode::Never,
+                metrics: metrics
+                    .then(|| dkv_cask::MetricsOptions::new(prometheus::Registry::new())),
+                ..Options::default()
+            },
+        )
+    };
+    let block = (n / BLOCKS).max(1);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // Each pair of blocks runs in alternating order, so that neither
+    // store always runs first.
+    let order = |b: u64| if b.is_multiple_of(2) { [0, 1] } else { [1, 0] };
+    // Per round and per operation: (median ratio with/without, median
+    // nanoseconds per operation without).
+    let mut results = Vec::new();
+    for round in 0..2u64 {
+        // Round 0: store "a" without metrics, "b" with; round 1 swapped.
+        // `stores[0]` is always the one without.
+        let stores = if round == 0 {
+            [open("a", false)?, open("b", true)?]
+        } else {
+            [open("b", false)?, open("a", true)?]
+        };
+        let mut put_ns: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for b in 0..BLOCKS {
+            let first = (round * BLOCKS + b) * block;
+            let pairs: Vec<KvPair> = (first..first + block).map(|i| workload.pair(i)).collect();
+            for s in order(b) {
+                let t = Instant::now();
+                for p in &pairs {
+                    stores[s].put(std::slice::from_ref(p))?;
+                }
+                put_ns[s].push(t.elapsed().as_nanos() as f64 / block as f64);
+            }
+        }
+        let reads = Rng(0x9E37_79B9 + round).permutation(block * BLOCKS);
+        let mut get_ns: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for (b, chunk) in reads.chunks(block as usize).enumerate() {
+            for s in order(b as u64) {
+                let t = Instant::now();
+                for &i in chunk {
+                    let k = key(u64::from(i));
+                    std::hint::black_box(stores[s].get(&[&k])?);
+                }
+                get_ns[s].push(t.elapsed().as_nanos() as f64 / chunk.len() as f64);
+            }
+        }
+        for store in stores {
+            store.close()?;
+        }
+        for ns in [put_ns, get_ns] {
+            let ratio = median(ns[0].iter().zip(&ns[1]).map(|(off, on)| on / off).collect());
+            results.push((round, ratio, median(ns[0].clone())));
+        }
+    }
+    for (i, name) in ["put (Never) with metrics", "get with metrics"]
+        .into_iter()
+        .enumerate()
+    {
+        let (_, r0, off0) = results[i];
+        let (_, r1, off1) = results[2 + i];
+        let ratio = (r0 * r1).sqrt();
+        let off = (off0 * off1).sqrt();
+        rows.push(Row {
+            name: name.into(),
+            ops: (1e9 / (off * ratio)) as u64,
+            elapsed: Duration::from_secs(1),
+            latencies: Vec::new(),
+            reference: Some(("same without metrics".into(), 1e9 / off)),
+            note: format!(
+                "{:+.1}% time per op ({:+.1}% and {:+.1}% with the stores' roles swapped; \
+                 medians of {BLOCKS} paired blocks)",
+                (ratio - 1.0) * 100.0,
+                (r0 - 1.0) * 100.0,
+                (r1 - 1.0) * 100.0
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints the table.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -262,6 +366,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     row.reference = Some(("BTreeMap range + copy".into(), reference.rate()));
     row.note = format!("{:.2} M keys/s", row.rate() * 100.0 / 1e6);
     rows.push(row);
+
+    metrics_rows(tmp.path(), &workload, n, &mut rows)?;
 
     let mut row = replicate_row(&store, &tmp.path().join("slave"), n)?;
     let sequential = rows[0].rate();
@@ -577,12 +683,18 @@ fn print_table(args: &BenchArgs, parent: &Path, n: u64, index_bytes: usize, rows
             ),
             None => ("", String::new(), String::new()),
         };
+        let (p50, p99) = if r.latencies.is_empty() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (
+                format!("{:.1}", r.percentile(0.5)),
+                format!("{:.1}", r.percentile(0.99)),
+            )
+        };
         println!(
-            "| {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {p50} | {p99} | {} | {} | {} | {} |",
             r.name,
             r.rate(),
-            r.percentile(0.5),
-            r.percentile(0.99),
             rname,
             rrate,
             ratio,
