@@ -73,7 +73,14 @@ struct Leaf {
     offs: Vec<u32>,
     hints: Vec<u32>,
     hint_at: u16,
+    /// The first `min(hint_at, 16)` bytes every key shares, kept beside the
+    /// vectors' headers so that a search compares them without touching
+    /// `data` (one cache miss fewer per lookup).
+    shared: [u8; SHARED_INLINE],
 }
+
+/// Bytes of the shared prefix a leaf keeps inline.
+const SHARED_INLINE: usize = 16;
 
 /// Four bytes of `key` from `at`, big-endian and zero-padded: ordering
 /// hints agrees (non-strictly) with ordering keys that share `key[..at]`.
@@ -119,7 +126,10 @@ impl Leaf {
         if at > 0 {
             // Every key starts with `shared`: a key that differs in it sorts
             // before or after all of them.
-            let shared = &self.key(0)[..at];
+            let shared = match self.shared.get(..at) {
+                Some(inline) => inline,
+                None => &self.key(0)[..at],
+            };
             let head = &key[..key.len().min(at)];
             match head.cmp(shared) {
                 Ordering::Less => return Err(0),
@@ -150,6 +160,11 @@ impl Leaf {
             common_prefix(self.key(0), self.key(n - 1)).min(usize::from(u16::MAX))
         };
         self.hint_at = at as u16;
+        let inline = at.min(SHARED_INLINE);
+        if inline > 0 {
+            let first = &self.data[self.offs[0] as usize + KEY_LEN_LEN..];
+            self.shared[..inline].copy_from_slice(&first[..inline]);
+        }
         let hints: Vec<u32> = (0..n).map(|i| hint_of(self.key(i), at)).collect();
         self.hints = hints;
     }
@@ -221,6 +236,7 @@ impl Leaf {
             offs: self.offs[mid..].iter().map(|&o| o - cut as u32).collect(),
             hints: Vec::new(),
             hint_at: 0,
+            shared: [0; SHARED_INLINE],
         };
         self.data.truncate(cut);
         self.offs.truncate(mid);

@@ -967,15 +967,15 @@ impl Inner {
         let mut finished = true;
         let mut visited = 0;
         let mut bytes = 0;
-        let mut failure = None;
-        let mut buf = Vec::new();
+        // First the chunk's keys and where their values lie...
+        let mut found: Vec<(&[u8], RecordPointer)> = Vec::with_capacity(limits.pairs);
         state.keydir.scan_from(cursor, exclusive, |key, entry| {
             if let Some(p) = prefix
                 && !key.starts_with(p)
             {
                 return false;
             }
-            if out.len() >= limits.pairs || visited >= limits.visited || bytes >= limits.bytes {
+            if found.len() >= limits.pairs || visited >= limits.visited || bytes >= limits.bytes {
                 finished = false;
                 return false;
             }
@@ -984,26 +984,29 @@ impl Inner {
             if entry.expire_ts != 0 && entry.expire_ts <= now {
                 return true;
             }
-            match state.read_op(&self.dir, key, entry.pointer, &mut buf) {
-                Ok((value, expire_ts)) => {
-                    bytes += value.len();
-                    out.push_back(KvPair {
-                        key: key.to_vec(),
-                        value: value.to_vec(),
-                        expire_ts,
-                    });
-                    true
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
+            bytes += entry.pointer.len as usize;
+            found.push((key, entry.pointer));
+            true
         });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok((last.map(<[u8]>::to_vec), finished)),
+        // ...then one load from each value, all independent, so that their
+        // cache and TLB misses overlap instead of coming one after another
+        // (values of neighbouring keys lie anywhere in the log)...
+        let mut touched = 0u8;
+        for &(_, pointer) in &found {
+            touched ^= state.first_byte(pointer);
         }
+        std::hint::black_box(touched);
+        // ...then the values, checked and copied.
+        let mut buf = Vec::new();
+        for (key, pointer) in found {
+            let (value, expire_ts) = state.read_op(&self.dir, key, pointer, &mut buf)?;
+            out.push_back(KvPair {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                expire_ts,
+            });
+        }
+        Ok((last.map(<[u8]>::to_vec), finished))
     }
 
     fn close(&self) -> Result<()> {
@@ -1054,6 +1057,19 @@ impl State {
     /// Reads and verifies the put operation at `pointer`, which must hold
     /// `key`; returns its value and expiry. `buf` holds bytes read from the
     /// active segment.
+    /// The first byte of the operation at `pointer` when it is mapped (0
+    /// otherwise): a load that brings its cache line in.
+    fn first_byte(&self, pointer: RecordPointer) -> u8 {
+        let at = pointer.offset as usize;
+        match self.reader(pointer.segment) {
+            Some(SegmentReader::Sealed(s)) => s.bytes().get(at).copied().unwrap_or(0),
+            Some(SegmentReader::Active(_, Some(map))) => {
+                map.bytes(u64::from(pointer.offset), 1).map_or(0, |b| b[0])
+            }
+            _ => 0,
+        }
+    }
+
     pub(crate) fn read_op<'a>(
         &'a self,
         dir: &Path,
