@@ -441,7 +441,7 @@ fn assemble(dir: &Path, options: &Options, fs: &dyn FileSystem) -> Result<Assemb
                 base,
                 end,
                 options.segment_size,
-                options.preallocate,
+                options.preallocates(),
                 fs,
             )?
         }
@@ -450,7 +450,7 @@ fn assemble(dir: &Path, options: &Options, fs: &dyn FileSystem) -> Result<Assemb
             next_segment,
             scanned.last().map_or(0, |s| s.end_position),
             options.segment_size,
-            options.preallocate,
+            options.preallocates(),
             fs,
         )?,
     };
@@ -539,7 +539,7 @@ impl Store {
         );
         let published = a.active.position();
         let (preallocate, segment_size, dir_for_spare) =
-            (options.preallocate, options.segment_size, dir.clone());
+            (options.preallocates(), options.segment_size, dir.clone());
         let inner = Arc::new(Inner {
             dir,
             options,
@@ -732,7 +732,7 @@ impl Inner {
                     &*self.fs,
                 )?,
             };
-            if self.options.preallocate && (use_spare || w.spare.is_none()) {
+            if self.options.preallocates() && (use_spare || w.spare.is_none()) {
                 w.spare = Some(Spare::start(
                     &self.dir,
                     self.options.segment_size,
@@ -885,7 +885,7 @@ impl Inner {
             w.active = a.active;
             w.next_segment = a.next_segment;
             w.buffer.clear();
-            if self.options.preallocate {
+            if self.options.preallocates() {
                 w.spare = Some(Spare::start(
                     &self.dir,
                     self.options.segment_size,

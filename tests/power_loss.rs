@@ -210,8 +210,13 @@ fn cutting_the_newest_segment_at_any_length_after_the_last_sync_keeps_exactly_th
     assert_eq!(segment_files(dir.path()).len(), 1, "test wants one segment");
     let first_unsynced = newest.records[newest.records.len() - unsynced].1.start as usize;
     let end = newest.data_end();
+    // The file as a preallocated segment would hold it: zeros after the
+    // records (a segment written under `Never` is not preallocated and ends
+    // with its records).
+    let mut original = newest.original.clone();
+    original.resize(original.len().max(end + 64), 0);
     for len in first_unsynced..=end + 3 {
-        let cut = newest.original[..len].to_vec();
+        let cut = original[..len].to_vec();
         check_image(
             dir.path(),
             &newest,
@@ -220,7 +225,7 @@ fn cutting_the_newest_segment_at_any_length_after_the_last_sync_keeps_exactly_th
             &format!("cut at {len}"),
         );
 
-        let mut zeroed = newest.original.clone();
+        let mut zeroed = original.clone();
         zeroed[len..].fill(0);
         check_image(
             dir.path(),
@@ -230,7 +235,7 @@ fn cutting_the_newest_segment_at_any_length_after_the_last_sync_keeps_exactly_th
             &format!("zeros from {len}"),
         );
 
-        let mut junk = newest.original.clone();
+        let mut junk = original.clone();
         if rng.below(2) == 0 {
             junk.truncate(len);
             let n = 1 + rng.below(64) as usize;
@@ -238,6 +243,10 @@ fn cutting_the_newest_segment_at_any_length_after_the_last_sync_keeps_exactly_th
         } else {
             let n = 1 + rng.below((end + 64 - len) as u64) as usize;
             let g = garbage(&mut rng, n);
+            // A segment that was not preallocated may grow past its end.
+            if junk.len() < len + n {
+                junk.resize(len + n, 0);
+            }
             junk[len..len + n].copy_from_slice(&g);
         }
         check_image(

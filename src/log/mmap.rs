@@ -143,8 +143,11 @@ pub(crate) struct ActiveMap {
 }
 
 impl ActiveMap {
-    /// Maps the first `len` bytes of `file` (the preallocated active
-    /// segment), with the bytes below `published` already written.
+    /// Maps `len` bytes of `file` (the active segment: zero-filled to `len`
+    /// when preallocated, else shorter and growing), with the bytes below
+    /// `published` already written. Only published bytes are ever read, and
+    /// the file always reaches the published offset, so no read touches a
+    /// page past its end.
     pub(crate) fn new(file: &File, len: u64, published: u64) -> std::io::Result<Self> {
         let raw = MmapOptions::new()
             .len(usize::try_from(len).map_err(std::io::Error::other)?)

@@ -93,8 +93,9 @@ pub(crate) struct ActiveSegment {
     pub(crate) offset: u64,
     /// The segment size at which it is sealed.
     pub(crate) capacity: u64,
-    /// A read-only map of the preallocated file, for readers; `None` when
-    /// the segment is not preallocated (readers then use `pread`).
+    /// A read-only map of the file for readers (records beyond its
+    /// capacity, from a batch larger than a segment, are read with
+    /// `pread`).
     pub(crate) map: Option<Arc<ActiveMap>>,
     /// CRC-32 of the file's bytes so far (header and records), kept while
     /// appending so that sealing knows the sealed file's checksum without
@@ -141,9 +142,7 @@ impl ActiveSegment {
             .context(|| format!("sync new segment {}", seg.path.display()))?;
         sync_dir(dir, fs)?;
         let mut seg = seg;
-        if preallocate {
-            seg.map_for_readers()?;
-        }
+        seg.map_for_readers()?;
         Ok(seg)
     }
 
@@ -230,13 +229,13 @@ impl ActiveSegment {
         fs.sync_all(&seg.file)
             .context(|| format!("sync segment {}", path.display()))?;
         let mut seg = seg;
-        if preallocate {
-            seg.map_for_readers()?;
-        }
+        seg.map_for_readers()?;
         Ok(seg)
     }
 
-    /// Maps the preallocated file read-only for readers.
+    /// Maps the file read-only for readers, `capacity` bytes long whether
+    /// or not the file is that long yet (readers read only below the
+    /// published offset, which the file always reaches).
     fn map_for_readers(&mut self) -> Result<()> {
         let map = ActiveMap::new(&self.file, self.capacity, self.offset)
             .context(|| format!("map segment {}", self.path.display()))?;
