@@ -398,11 +398,15 @@ impl Store {
             done += len;
             progress(done, total);
         }
-        // Segment files of an older backup that this one does not hold.
+        // Segment files of an older backup that this one does not hold, and
+        // unfinished copies.
         for entry in fs::read_dir(path).context(|| format!("list {}", path.display()))? {
             let entry = entry.context(|| format!("list {}", path.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if SegmentId::parse_file_name(&name).is_some() && !keep.contains(&name) {
+            let stale = SegmentId::parse_file_name(&name).is_some() && !keep.contains(&name);
+            // A copy a failed backup left half written.
+            let unfinished = name.ends_with(crate::log::COPYING_SUFFIX);
+            if stale || unfinished {
                 fs.remove_file(&entry.path())
                     .context(|| format!("remove {name}"))?;
             }

@@ -11,8 +11,9 @@ use std::sync::{Arc, Barrier};
 use common::disk::{Model, contents};
 use common::*;
 use dkv_cask::{
-    BACKUP_MANIFEST, Backupable, ChangePropagator, Error, KvStore, Options, RestoreStep, Store,
-    SyncMode, restore_with_hook, verify_backup, verify_backup_with_progress,
+    BACKUP_MANIFEST, Backupable, ChangePropagator, Error, FaultInjector, InjectedError, KvStore,
+    Options, RestoreStep, Store, SyncMode, restore_with_hook, verify_backup,
+    verify_backup_with_progress,
 };
 
 fn options() -> Options {
@@ -582,4 +583,48 @@ fn backup_verify_and_restore_report_progress_up_to_the_total() {
     calls(&mut |p| {
         dkv_cask::verify_with_progress(&dir.path().join("db"), p).unwrap();
     });
+}
+
+/// Regression (found by the `ops_model` fuzzer's failing-call step): a
+/// backup into a folder holding an earlier backup, whose hard link failed,
+/// fell back to a copy that opened the destination with truncation. That
+/// destination was the earlier backup's hard link to the live segment, so
+/// the copy emptied the store's own segment. Now a copy goes to a new file
+/// renamed over the destination. Checked at every failing call of a second
+/// backup, with EIO and ENOSPC.
+#[test]
+fn a_failing_call_in_a_repeated_backup_never_damages_the_store_or_the_earlier_backup() {
+    for kind in [InjectedError::Eio, InjectedError::NoSpace] {
+        for n in 0.. {
+            let dir = tempfile::tempdir().unwrap();
+            let faults = Arc::new(FaultInjector::new());
+            let opts = Options {
+                fault_injector: Some(Arc::clone(&faults)),
+                ..options()
+            };
+            let store = Store::open(dir.path().join("db"), opts.clone()).unwrap();
+            put_keys(&store, "a", 50);
+            let backup = dir.path().join("backup");
+            store.backup_to(&backup).unwrap();
+            put_keys(&store, "b", 50);
+            let want = contents(&store);
+            faults.fail_after(n, kind);
+            let result = store.backup_to(&backup);
+            let fired = faults.fired() > 0;
+            faults.disarm();
+            drop(store);
+            let label = format!("{kind:?} at call {n} of the second backup");
+            let store = Store::open(dir.path().join("db"), options())
+                .unwrap_or_else(|e| panic!("{label}: reopen: {e}"));
+            assert_eq!(contents(&store), want, "{label}");
+            if result.is_ok() {
+                verify_backup(&backup).unwrap_or_else(|e| panic!("{label}: {e}"));
+            }
+            store.close().unwrap();
+            if !fired {
+                break;
+            }
+            assert!(n < 100, "the backup never stopped failing");
+        }
+    }
 }

@@ -110,11 +110,24 @@ pub(crate) fn write_file(fs: &dyn FileSystem, path: &Path, contents: &[u8]) -> i
     Ok(file)
 }
 
-/// Copies the file `src` to a new file `dst` and syncs the copy.
+/// Suffix of a copy being written (see [`copy_synced`]).
+pub(crate) const COPYING_SUFFIX: &str = ".copying";
+
+/// Copies the file `src` to `dst` and syncs the copy. The bytes go to a new
+/// file beside `dst`, renamed over it once synced: `dst` is never opened
+/// for writing, since it may be a hard link to `src` itself (a backup
+/// folder's earlier link to a live segment), which truncating would empty.
 pub(crate) fn copy_synced(fs: &dyn FileSystem, src: &Path, dst: &Path) -> io::Result<()> {
     const CHUNK: usize = 1 << 20;
+    let mut name = dst.file_name().unwrap_or_default().to_os_string();
+    name.push(COPYING_SUFFIX);
+    let tmp = dst.with_file_name(name);
+    match fs.remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let from = File::open(src)?;
-    let to = fs.create(dst, false)?;
+    let to = fs.create(&tmp, true)?;
     let mut buf = vec![0u8; CHUNK];
     let mut at = 0u64;
     loop {
@@ -125,7 +138,8 @@ pub(crate) fn copy_synced(fs: &dyn FileSystem, src: &Path, dst: &Path) -> io::Re
         fs.write_at(&to, &buf[..n], at)?;
         at += n as u64;
     }
-    fs.sync_all(&to)
+    fs.sync_all(&to)?;
+    fs.rename(&tmp, dst)
 }
 
 /// Removes a folder and everything in it, depth first.

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use fault::Faulty;
 pub use fault::{FaultInjector, InjectedError};
+pub(crate) use fs::{COPYING_SUFFIX, copy_synced, create_dir_all, remove_dir_all, write_file};
 pub use fs::{FileSystem, StdFileSystem};
-pub(crate) use fs::{copy_synced, create_dir_all, remove_dir_all, write_file};
 pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
 pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
 pub(crate) use mmap::{ActiveMap, SealedSegment};
