@@ -189,6 +189,12 @@ impl Journal {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let path = entry.path();
+            // A second name of a file already seen (a hard link) is the
+            // same node.
+            if let Some(known) = self.node_at(&path) {
+                model.dir(node).durable.insert(entry.file_name(), known);
+                continue;
+            }
             let Some(child) = self.adopt(&path) else {
                 continue;
             };
@@ -317,7 +323,12 @@ impl FileSystem for Recorder {
         let node = j.node_at(from);
         let source = j.parent_of(from);
         let target = j.parent_of(to);
+        // Two names of one file: POSIX leaves both; nothing changes.
+        let same_file = node.is_some() && node == j.node_at(to);
         StdFileSystem.rename(from, to)?;
+        if same_file {
+            return Ok(());
+        }
         match (node, source, target) {
             (Some(_), Some((p1, from)), Some((p2, to))) if p1 == p2 => j.ops.push(Op::Rename {
                 parent: p1,
@@ -565,7 +576,8 @@ pub struct Image {
 
 #[derive(Clone, Debug)]
 enum Entry {
-    File(Arc<Vec<u8>>),
+    /// A file: its node (names of one node are hard links) and content.
+    File(Node, Arc<Vec<u8>>),
     Dir(Image),
 }
 
@@ -660,7 +672,7 @@ impl Replay {
                 let content = files
                     .entry(child)
                     .or_insert_with(|| Arc::new(self.content(child, loss, choices)));
-                Entry::File(Arc::clone(content))
+                Entry::File(child, Arc::clone(content))
             };
             image.entries.insert(name, entry);
         }
@@ -694,15 +706,30 @@ impl Replay {
 }
 
 impl Image {
-    /// Writes the image's files and folders into the existing folder `dir`.
+    /// Writes the image's files and folders into the existing folder `dir`;
+    /// two names of one file become hard links.
     pub fn write_to(&self, dir: &Path) -> io::Result<()> {
+        self.write_linked(dir, &mut HashMap::new())
+    }
+
+    fn write_linked(
+        &self,
+        dir: &Path,
+        written: &mut HashMap<Node, std::path::PathBuf>,
+    ) -> io::Result<()> {
         for (name, entry) in &self.entries {
             let path = dir.join(name);
             match entry {
-                Entry::File(bytes) => std::fs::write(&path, &**bytes)?,
+                Entry::File(node, bytes) => match written.get(node) {
+                    Some(first) => std::fs::hard_link(first, &path)?,
+                    None => {
+                        std::fs::write(&path, &**bytes)?;
+                        written.insert(*node, path);
+                    }
+                },
                 Entry::Dir(image) => {
                     std::fs::create_dir(&path)?;
-                    image.write_to(&path)?;
+                    image.write_linked(&path, written)?;
                 }
             }
         }
@@ -718,6 +745,7 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn image_names(replay: &Replay, loss: Loss, sub: &str) -> Vec<String> {
         let image = replay.image(loss);
@@ -734,10 +762,10 @@ mod tests {
         let image = replay.image(loss);
         match image.entries.get(std::ffi::OsStr::new(sub))? {
             Entry::Dir(d) => match d.entries.get(std::ffi::OsStr::new(name))? {
-                Entry::File(b) => Some((**b).clone()),
+                Entry::File(_, b) => Some((**b).clone()),
                 Entry::Dir(_) => None,
             },
-            Entry::File(_) => None,
+            Entry::File(..) => None,
         }
     }
 
@@ -807,6 +835,26 @@ mod tests {
         replay.image(Loss::Nothing).write_to(out.path()).unwrap();
         assert_eq!(std::fs::read(out.path().join("db/x")).unwrap(), b"abc");
         assert_eq!(std::fs::read(out.path().join("db/y")).unwrap(), b"abc");
+        let ino = |n: &str| std::fs::metadata(out.path().join(n)).unwrap().ino();
+        assert_eq!(ino("db/x"), ino("db/y"), "hard links stay links");
+        // A recorder over that image sees one file under two names, and a
+        // rename from one name onto the other changes nothing.
+        let again = Recorder::new(out.path()).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(out.path().join("db/y"))
+            .unwrap();
+        again.set_len(&f, 0).unwrap();
+        again.sync_all(&f).unwrap();
+        again
+            .rename(&out.path().join("db/x"), &out.path().join("db/y"))
+            .unwrap();
+        let mut replay = again.replay();
+        replay.advance_to(replay.len());
+        for loss in [Loss::AllUnsynced, Loss::Nothing] {
+            assert_eq!(file(&replay, loss, "db", "x").unwrap(), b"", "{loss:?}");
+            assert_eq!(file(&replay, loss, "db", "y").unwrap(), b"", "{loss:?}");
+        }
     }
 
     #[test]

@@ -431,7 +431,7 @@ fn merge_run(
         return Err(stopped());
     }
     // A cache: a failure only means the next open scans the segment.
-    let _ = crate::hint::write(fs, &inner.dir, id, &copied.hint);
+    let _ = crate::log::best_effort(|| crate::hint::write(fs, &inner.dir, id, &copied.hint));
     Ok(true)
 }
 

@@ -205,8 +205,10 @@ impl WindowedSummary {
         s.sum_nanos
             .fetch_add((seconds * 1e9).round() as u64, Ordering::Relaxed);
         let at = now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let seen = s.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        // The bucket first, then its count: a count read before a rotation
+        // would belong to the old bucket.
         let current = at < s.rotate_at.load(Ordering::Acquire);
+        let seen = s.seen.fetch_add(1, Ordering::Relaxed) + 1;
         // Reservoir sampling: the `seen`-th observation of a full bucket
         // replaces a random sample with probability BUCKET_SAMPLES / seen.
         let slot = if current && seen > BUCKET_SAMPLES as u64 {

@@ -361,8 +361,8 @@ pub(crate) struct ChunkLimits {
     pub(crate) pairs: usize,
     /// Index entries looked at (expired ones included).
     pub(crate) visited: usize,
-    /// Value bytes copied (checked before each pair, so one large value
-    /// still makes progress).
+    /// Bytes of the records copied (operation header, key and value;
+    /// checked before each pair, so one large value still makes progress).
     pub(crate) bytes: usize,
 }
 
@@ -800,7 +800,7 @@ impl Inner {
                 if let Some(hint) = crate::hint::build(bytes)
                     && current.load(Ordering::Acquire) == generation
                 {
-                    let _ = crate::hint::write(&*fs, &dir, id, &hint);
+                    let _ = crate::log::best_effort(|| crate::hint::write(&*fs, &dir, id, &hint));
                 }
             });
         if let Ok(handle) = job {
@@ -1030,6 +1030,15 @@ impl Inner {
             }
             if let Some(mut spare) = w.spare.take() {
                 spare.cancel();
+            }
+            // A reader still holding the active segment's map (a
+            // replication read that began before close) reads no more
+            // through it: the next open may cut the file below what was
+            // published (after a failed sync), and a map read past a
+            // file's end is a SIGBUS. It falls back to `pread`, which
+            // reports a short file as an error.
+            if let Some(map) = &w.active.map {
+                map.withdraw();
             }
             match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),

@@ -22,8 +22,28 @@ pub enum InjectedError {
 
 const DISARMED: u64 = u64::MAX;
 
-/// Names of the background threads whose calls the injector ignores.
-const BEST_EFFORT_THREADS: [&str; 2] = [super::HINT_THREAD, super::SPARE_THREAD];
+thread_local! {
+    /// Set while this thread runs a best-effort step.
+    static BEST_EFFORT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as a best-effort step (writing a hint file, zero-filling the
+/// spare segment, unlinking a merged-away segment): the fault injector
+/// neither counts nor fails its calls. Their timing (background threads,
+/// the last reader's drop) would make the n-th call differ from run to
+/// run, and their failure is harmless by design: a segment without a hint
+/// is scanned at the next open, a rollover without a spare creates its
+/// segment, a superseded segment left behind is removed by the next open.
+pub(crate) fn best_effort<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BEST_EFFORT.set(self.0);
+        }
+    }
+    let _reset = Reset(BEST_EFFORT.replace(true));
+    f()
+}
 
 /// Fails the n-th file-system call after it is armed, once.
 #[derive(Debug)]
@@ -74,16 +94,10 @@ impl FaultInjector {
     }
 
     /// Called before each I/O call; returns the injected error when due.
-    /// Calls from the best-effort background jobs (writing hint files and
-    /// zero-filling the spare segment) are neither counted nor failed:
-    /// their timing would make the count differ from run to run, and their
-    /// failure is harmless by design (the segment is scanned at the next
-    /// open; the next segment is created without the spare).
+    /// Calls made inside [`best_effort`] steps are neither counted nor
+    /// failed.
     pub(crate) fn check(&self) -> io::Result<()> {
-        if std::thread::current()
-            .name()
-            .is_some_and(|n| BEST_EFFORT_THREADS.contains(&n))
-        {
+        if BEST_EFFORT.get() {
             return Ok(());
         }
         self.calls.fetch_add(1, Ordering::SeqCst);

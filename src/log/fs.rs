@@ -131,10 +131,12 @@ pub(crate) fn copy_synced(fs: &dyn FileSystem, src: &Path, dst: &Path) -> io::Re
     let mut buf = vec![0u8; CHUNK];
     let mut at = 0u64;
     loop {
-        let n = from.read_at(&mut buf, at)?;
-        if n == 0 {
-            break;
-        }
+        let n = match from.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         fs.write_at(&to, &buf[..n], at)?;
         at += n as u64;
     }
@@ -142,17 +144,26 @@ pub(crate) fn copy_synced(fs: &dyn FileSystem, src: &Path, dst: &Path) -> io::Re
     fs.rename(&tmp, dst)
 }
 
-/// Removes a folder and everything in it, depth first.
+/// Removes a folder and everything in it, depth first. Whatever vanished
+/// meanwhile (removed by someone else) counts as removed.
 pub(crate) fn remove_dir_all(fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(path)? {
+    let gone = |r: io::Result<()>| match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let entries = match std::fs::read_dir(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    for entry in entries {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
-            remove_dir_all(fs, &entry.path())?;
+            gone(remove_dir_all(fs, &entry.path()))?;
         } else {
-            fs.remove_file(&entry.path())?;
+            gone(fs.remove_file(&entry.path()))?;
         }
     }
-    fs.remove_dir(path)
+    gone(fs.remove_dir(path))
 }
 
 /// Creates `path` and any missing parents.

@@ -105,8 +105,10 @@ impl Drop for SealedSegment {
         if same {
             // Best effort: a failure leaves a superseded file that the next
             // open removes.
-            let _ = fs.remove_file(path);
-            let _ = fs.remove_file(&path.with_extension(super::HINT_EXTENSION));
+            super::best_effort(|| {
+                let _ = fs.remove_file(path);
+                let _ = fs.remove_file(&path.with_extension(super::HINT_EXTENSION));
+            });
         }
     }
 }
@@ -165,6 +167,13 @@ impl ActiveMap {
     pub(crate) fn publish(&self, offset: u64) {
         self.published
             .fetch_max(offset.min(self.len), Ordering::Release);
+    }
+
+    /// Makes every later [`bytes`](Self::bytes) call return `None` (the
+    /// store closed: the file may be cut by the next open). Slices already
+    /// handed out stay valid only as long as the file is not cut.
+    pub(crate) fn withdraw(&self) {
+        self.published.store(0, Ordering::Release);
     }
 
     /// The bytes `[offset, offset + len)`, if they are all published.

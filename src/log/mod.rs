@@ -13,8 +13,8 @@ mod writer;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub(crate) use fault::Faulty;
 pub use fault::{FaultInjector, InjectedError};
+pub(crate) use fault::{Faulty, best_effort};
 pub(crate) use fs::{COPYING_SUFFIX, copy_synced, create_dir_all, remove_dir_all, write_file};
 pub use fs::{FileSystem, StdFileSystem};
 pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};

@@ -46,10 +46,12 @@ impl Spare {
         let job = std::thread::Builder::new()
             .name(super::SPARE_THREAD.into())
             .spawn(move || {
-                let file = fs.create(&path, false)?;
-                write_zeros(&*fs, &file, 0, capacity, &stop)?;
-                fs.sync_all(&file)?;
-                Ok(file)
+                super::best_effort(|| {
+                    let file = fs.create(&path, false)?;
+                    write_zeros(&*fs, &file, 0, capacity, &stop)?;
+                    fs.sync_all(&file)?;
+                    Ok(file)
+                })
             })
             .ok();
         Spare { job, cancel }
