@@ -241,14 +241,7 @@ fn check_open_dir(
         }
     };
     if partial {
-        let sealed: Vec<crate::SegmentId> = store
-            .stats()
-            .expect("stats")
-            .segments
-            .iter()
-            .filter(|s| !s.active)
-            .map(|s| s.id)
-            .collect();
+        let sealed = sealed_ids(&store);
         if let Some(newest) = sealed.last() {
             if let Err(e) = store.merge_segments(&[*newest], &mut |_| true) {
                 assert!(is_damage(&e), "merge of {newest} failed untyped: {e}");
@@ -430,6 +423,18 @@ fn write_described_files(
         }
     }
     Ok(lies)
+}
+
+/// The store's sealed segments, in log order.
+fn sealed_ids(store: &crate::Store) -> Vec<crate::SegmentId> {
+    store
+        .stats()
+        .expect("stats")
+        .segments
+        .into_iter()
+        .filter(|s| !s.active)
+        .map(|s| s.id)
+        .collect()
 }
 
 /// A small pseudo-random sequence (xorshift) from a fuzz byte.
@@ -824,14 +829,7 @@ pub fn ops_model(data: &[u8]) {
                 }
                 sub @ (4 | 6) => {
                     // An adjacent run of sealed segments, in log order.
-                    let sealed: Vec<crate::SegmentId> = store
-                        .stats()
-                        .expect("stats")
-                        .segments
-                        .into_iter()
-                        .filter(|s| !s.active)
-                        .map(|s| s.id)
-                        .collect();
+                    let sealed = sealed_ids(&store);
                     let at = usize::from(next().unwrap_or(0) % 8);
                     let len = 1 + usize::from(next().unwrap_or(0) % 3);
                     let run = sealed.get(at..(at + len).min(sealed.len()));
