@@ -13,7 +13,7 @@ use crate::Progress;
 use crate::error::{Error, IoContext, Result};
 use crate::helpers::{create_temp_folder_with, rename_folder_with};
 use crate::log::{FileSystem, SegmentId, sync_dir};
-use crate::store::{Inner, KvStore, Store};
+use crate::store::{Inner, Store};
 
 /// The manifest's file name inside a backup folder. A folder without it is
 /// an unfinished backup.
@@ -507,7 +507,7 @@ fn restore(
     }
     // From here on the live store is replaced: close it first.
     let options = inner.options.clone();
-    let _ = store.close();
+    let _ = inner.close_with(false);
     drop(flag);
     if !swap_folders(fs, &dir, &staging, hook)? {
         return Err(crashed());
@@ -561,6 +561,8 @@ fn is_store_file(name: &str) -> bool {
             crate::log::LOCK_FILE,
             crate::log::SYNC_FAILED_FILE,
             crate::log::SPARE_FILE,
+            crate::KEYDIR_FILE,
+            crate::KEYDIR_TMP_FILE,
             RESTORE_COMPLETE,
         ]
         .contains(&name)

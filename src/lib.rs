@@ -34,6 +34,7 @@ mod helpers;
 mod hint;
 mod iter;
 mod keydir;
+mod keydir_file;
 mod log;
 mod merge;
 mod metrics;
@@ -63,6 +64,7 @@ pub use error::{Error, Result};
 pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
 pub use iter::{Iter, IterationOptions};
 pub use keydir::{KeyDir, KeyEntry, RecordPointer};
+pub use keydir_file::{KEYDIR_FILE, KEYDIR_TMP_FILE};
 pub use log::{
     FaultInjector, FileSystem, InjectedError, LOCK_FILE, SEGMENT_EXTENSION, SPARE_FILE,
     SYNC_FAILED_FILE, SegmentId, StdFileSystem,

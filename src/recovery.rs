@@ -20,6 +20,7 @@ use crate::format::{
     SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind, decode_record,
 };
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
+use crate::keydir_file::{self, OnDisk};
 use crate::log::{
     FileSystem, SealedSegment, SegmentId, SyncFailedMarker, sync_dir, truncate_synced,
 };
@@ -54,6 +55,12 @@ pub struct RecoveryReport {
     pub truncated: Option<TruncatedTail>,
     /// Damaged ranges skipped under [`RecoveryMode::TolerateAnyCorruption`].
     pub skipped: Vec<DamagedRange>,
+    /// The index came whole from the keydir file a clean close wrote: no
+    /// hint was read and no segment scanned.
+    pub from_keydir_file: bool,
+    /// A keydir file was found but not used, and why (the hints and
+    /// segments were read instead).
+    pub keydir_file_unused: Option<String>,
     /// Wall time spent.
     pub duration: Duration,
 }
@@ -116,6 +123,8 @@ enum Ops {
     Hint(Vec<u8>),
     /// In the intact records at these file offsets.
     Records(Vec<u32>),
+    /// In the keydir file, loaded whole: the index is not built.
+    Indexed,
 }
 
 /// The state rebuilt from disk.
@@ -378,10 +387,39 @@ fn recover_with(
             kept.push(o);
         }
     }
+    kept.sort_by_key(|o| (o.header.base_position, o.id));
+
+    // 3a. A clean close's keydir file, when it describes exactly these
+    // segments; removed either way (and the removal made durable below)
+    // before the store accepts a write, so it never outlives its state.
+    let mut loaded = None;
+    if !dry_run {
+        // After a failed sync no close wrote one; trust nothing that says
+        // otherwise.
+        if durable_limit.is_none() {
+            let on_disk: Vec<OnDisk<'_>> = kept
+                .iter()
+                .map(|o| OnDisk {
+                    id: o.id,
+                    kind: o.header.kind,
+                    base_position: o.header.base_position,
+                    stated_end: o.stated_end(),
+                    bytes: o.map.bytes(),
+                })
+                .collect();
+            match keydir_file::load(dir, &on_disk) {
+                Ok(l) => loaded = l,
+                Err(reason) => report.keydir_file_unused = Some(reason),
+            }
+        }
+        dir_changed |= keydir_file::remove(fs, dir)?;
+    }
     if dir_changed && !dry_run {
         sync_dir(dir, fs)?;
     }
-    kept.sort_by_key(|o| (o.header.base_position, o.id));
+    if let Some(l) = loaded {
+        return from_keydir_file(dir, fs, kept, l, ids, report, started);
+    }
 
     // 3. Each segment in log order, from its hint or by scanning it.
     let mut segments: Vec<ScannedSegment> = Vec::with_capacity(kept.len());
@@ -478,6 +516,54 @@ fn recover_with(
         unhinted,
         tombstones: rebuilt.tombstones,
         live,
+        report,
+    })
+}
+
+/// The state a clean close left, from its keydir file: `kept` are the
+/// segments it describes, in log order.
+fn from_keydir_file(
+    dir: &Path,
+    fs: &dyn FileSystem,
+    kept: Vec<Opened>,
+    loaded: keydir_file::Loaded,
+    ids: Vec<SegmentId>,
+    mut report: RecoveryReport,
+    started: Instant,
+) -> Result<Recovered> {
+    crate::hint::remove_orphans(dir, fs)?;
+    let count = kept.len();
+    let mut segments = Vec::with_capacity(count);
+    let mut unhinted = Vec::new();
+    for (i, (o, (end_position, end_offset))) in kept.into_iter().zip(loaded.ends).enumerate() {
+        let active = i + 1 == count && o.header.kind == SegmentKind::Log;
+        if !active && !o.id.hint_path_in(dir).exists() {
+            unhinted.push(o.id);
+        }
+        segments.push(ScannedSegment {
+            id: o.id,
+            kind: o.header.kind,
+            base_position: o.header.base_position,
+            end_position,
+            end_offset,
+            path: o.path,
+            map: o.map,
+            ops: Ops::Indexed,
+        });
+    }
+    report.from_keydir_file = true;
+    report.segments = ids.len();
+    report.keys = loaded.keydir.len();
+    report.duration = started.elapsed();
+    Ok(Recovered {
+        keydir: loaded.keydir,
+        changes: loaded.changes,
+        applied: loaded.applied,
+        segments,
+        highest_id: ids.last().copied(),
+        unhinted,
+        tombstones: loaded.tombstones,
+        live: loaded.live,
         report,
     })
 }
@@ -613,7 +699,7 @@ impl Default for LiveSums {
 }
 
 impl LiveSums {
-    fn add(&mut self, e: &KeyEntry) {
+    pub(crate) fn add(&mut self, e: &KeyEntry) {
         self.bytes += u64::from(e.pointer.len);
         self.keys += 1;
         if e.expire_ts != 0 {
@@ -652,6 +738,7 @@ fn build_index(
             len,
         };
         match &s.ops {
+            Ops::Indexed => {}
             Ops::Hint(bytes) => {
                 // `load_hint` verified these bytes.
                 let hint = Hint::decode_verified(bytes).map_err(|e| {

@@ -85,6 +85,26 @@ impl ChangeIndex {
             .map(|(&p, &(_, o))| (p, o))
     }
 
+    /// Every noted start: (log position, segment, file offset), ascending.
+    pub(crate) fn starts(&self) -> impl Iterator<Item = (u64, SegmentId, u64)> + use<'_> {
+        self.starts.iter().map(|(&p, &(s, o))| (p, s, o))
+    }
+
+    /// The last start noted: (log position, segment).
+    pub(crate) fn last(&self) -> Option<(u64, SegmentId)> {
+        self.last
+    }
+
+    /// Restores a start saved from [`starts`](Self::starts).
+    pub(crate) fn insert_start(&mut self, position: u64, segment: SegmentId, offset: u64) {
+        self.starts.insert(position, (segment, offset));
+    }
+
+    /// Restores the value saved from [`last`](Self::last).
+    pub(crate) fn set_last(&mut self, last: Option<(u64, SegmentId)>) {
+        self.last = last;
+    }
+
     /// Stops serving every record that starts below `position` (merged
     /// away, or older than a merged range: the feed is a gapless suffix).
     pub(crate) fn forget_below(&mut self, position: u64) {

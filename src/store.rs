@@ -1010,6 +1010,13 @@ impl Inner {
     }
 
     fn close(&self) -> Result<()> {
+        self.close_with(true)
+    }
+
+    /// Closes the store; with `save_keydir`, a clean close saves the index
+    /// as the keydir file for a fast next open (not when the folder's
+    /// contents are about to be replaced).
+    pub(crate) fn close_with(&self, save_keydir: bool) -> Result<()> {
         if let Some(s) = self.syncer.lock().take() {
             s.stop();
         }
@@ -1023,11 +1030,12 @@ impl Inner {
         }
         let merging = self.merge_lock.lock();
         self.join_background();
-        let result = {
+        let (result, active) = {
             let mut w = self.writer.lock();
             if self.closed.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
+            let active = (w.active.id, w.active.position(), w.active.offset);
             if let Some(mut spare) = w.spare.take() {
                 spare.cancel();
             }
@@ -1040,13 +1048,20 @@ impl Inner {
             if let Some(map) = &w.active.map {
                 map.withdraw();
             }
-            match self.commit.poisoned() {
+            let result = match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),
                 None => self.commit.sync_all_written(),
-            }
+            };
+            (result, active)
         };
         {
             let mut state = self.state.write();
+            // Not when open skipped damaged ranges: each open reads the
+            // segments again and reports them.
+            if save_keydir && result.is_ok() && self.report.skipped.is_empty() {
+                // A cache: a failure only means a slower next open.
+                let _ = crate::log::best_effort(|| self.save_keydir(&state, active));
+            }
             state.closed = true;
             state.keydir = KeyDir::new();
             state.segments.clear();
@@ -1059,6 +1074,41 @@ impl Inner {
         }
         self.lock.lock().take();
         result
+    }
+}
+
+impl Inner {
+    /// Saves the index as the keydir file. `active` is the active
+    /// segment's (id, end position, end offset); everything is synced.
+    fn save_keydir(&self, state: &State, active: (SegmentId, u64, u64)) -> Result<()> {
+        let mut segments: Vec<crate::keydir_file::Closed> = state
+            .usage
+            .iter()
+            .map(|(&id, u)| {
+                let (end_position, end_offset) = if id == active.0 {
+                    (active.1, active.2)
+                } else {
+                    (u.end, u.bytes)
+                };
+                crate::keydir_file::Closed {
+                    id,
+                    kind: u.kind,
+                    base_position: u.base,
+                    end_position,
+                    end_offset,
+                    tombstones: u.tombstones,
+                }
+            })
+            .collect();
+        segments.sort_by_key(|s| (s.base_position, s.id));
+        crate::keydir_file::save(
+            &*self.fs,
+            &self.dir,
+            &state.keydir,
+            &segments,
+            &state.changes,
+            self.applied.load(Ordering::Acquire),
+        )
     }
 }
 

@@ -21,18 +21,8 @@ use dkv_cask::{
     Store, SyncMode,
 };
 
-/// Small segments, nothing kept for followers, no background merging
-/// (each test merges when it says so).
 fn options() -> Options {
-    Options {
-        segment_size: 16 << 10,
-        retention: Retention::none(),
-        merge: MergeOptions {
-            automatic: false,
-            ..MergeOptions::default()
-        },
-        ..test_options()
-    }
+    merge_test_options()
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -90,6 +80,9 @@ fn merge_gives_back_overwritten_and_deleted_space_and_keeps_every_live_key() {
             .all(|s| s.active || s.kind == SegmentKind::Merged)
     );
     t.store.close().unwrap();
+    // Every merged segment has its hint (read when the keydir file a clean
+    // close saves is not there).
+    fs::remove_file(t.dir.path().join(dkv_cask::KEYDIR_FILE)).unwrap();
     let reopened = reopen(t.dir.path(), options());
     assert_eq!(contents(&reopened), model);
     let r = reopened.recovery_report();
@@ -295,8 +288,12 @@ fn hints_that_are_missing_damaged_truncated_or_stale_fall_back_to_scanning() {
             fs::copy(other, p).unwrap();
         }),
     ];
+    // Without the keydir file a clean close saves, which open would use
+    // instead of any hint.
+    let without_keydir = |dir: &Path| fs::remove_file(dir.join(dkv_cask::KEYDIR_FILE)).unwrap();
     for (what, damage) in cases {
         let image = copy_store(t.dir.path());
+        without_keydir(image.path());
         let victim = same_file_in(&hints[1], image.path());
         damage(&victim);
         let store = reopen(image.path(), options());
@@ -309,6 +306,7 @@ fn hints_that_are_missing_damaged_truncated_or_stale_fall_back_to_scanning() {
         );
         store.close().unwrap();
         // The hint was rebuilt: the next open uses it.
+        without_keydir(image.path());
         let again = reopen(image.path(), options());
         assert!(again.recovery_report().hint_fallbacks.is_empty(), "{what}");
         assert_eq!(contents(&again), model, "{what}");

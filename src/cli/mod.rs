@@ -393,7 +393,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .count();
             writeln!(
                 out,
-                "{{\"folder\":{},\"format_version\":{},\"keys\":{},\"segments\":{},\"merged_segments\":{},\"live_bytes\":{},\"dead_bytes\":{},\"data_bytes\":{},\"last_change_number\":{},\"durable_change_number\":{},\"applied_change_number\":{},\"index_bytes\":{},\"recovery_records\":{},\"recovery_seconds\":{},\"segments_from_hints\":{},\"segments_scanned\":{},\"torn_tail_cut\":{},\"damaged_ranges_skipped\":{}}}",
+                "{{\"folder\":{},\"format_version\":{},\"keys\":{},\"segments\":{},\"merged_segments\":{},\"live_bytes\":{},\"dead_bytes\":{},\"data_bytes\":{},\"last_change_number\":{},\"durable_change_number\":{},\"applied_change_number\":{},\"index_bytes\":{},\"recovery_records\":{},\"recovery_seconds\":{},\"from_keydir_file\":{},\"segments_from_hints\":{},\"segments_scanned\":{},\"torn_tail_cut\":{},\"damaged_ranges_skipped\":{}}}",
                 json::string(&store.dir().display().to_string()),
                 dkv_cask::format::FORMAT_VERSION,
                 stats.keys,
@@ -408,6 +408,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 store.index_memory_bytes(),
                 r.records,
                 r.duration.as_secs_f64(),
+                r.from_keydir_file,
                 r.segments_from_hints,
                 r.segments_scanned,
                 r.truncated.is_some(),
@@ -438,11 +439,22 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             )?;
             writeln!(out, "last change number: {}", store.last_change_number())?;
             writeln!(out, "index memory: {} bytes", store.index_memory_bytes())?;
-            writeln!(
-                out,
-                "open: {} segments from hints, {} scanned ({} records, {} bytes verified) in {:?}",
-                r.segments_from_hints, r.segments_scanned, r.records, r.bytes_read, r.duration
-            )?;
+            if r.from_keydir_file {
+                writeln!(
+                    out,
+                    "open: the index from the keydir file of the last clean close in {:?}",
+                    r.duration
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "open: {} segments from hints, {} scanned ({} records, {} bytes verified) in {:?}",
+                    r.segments_from_hints, r.segments_scanned, r.records, r.bytes_read, r.duration
+                )?;
+            }
+            if let Some(reason) = &r.keydir_file_unused {
+                writeln!(out, "keydir file not used: {reason}")?;
+            }
             for f in &r.hint_fallbacks {
                 writeln!(out, "hint of segment {} not used: {}", f.segment, f.reason)?;
             }

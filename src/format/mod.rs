@@ -1,10 +1,11 @@
 //! The on-disk format, version 2: segment headers, records, merged
-//! records and hint files. This is the
+//! records, hint files and the keydir file. This is the
 //! only code that knows byte offsets; everything else calls these encoders and
 //! decoders. Decoders are total: they check every length against what remains
 //! and return a [`FormatError`], never panic. See DESIGN.md for the diagrams.
 
 mod hint;
+mod keydir_file;
 mod record;
 mod segment;
 pub mod snapshot;
@@ -12,6 +13,10 @@ pub mod snapshot;
 pub use hint::{
     HINT_ENTRY_LEN, HINT_HEADER_LEN, HINT_MAGIC, HINT_SAMPLE_LEN, HINT_VERSION, Hint, HintBuilder,
     HintEntry, HintHeader, sample_crc,
+};
+pub use keydir_file::{
+    KEYDIR_ENTRY_LEN, KEYDIR_HEADER_LEN, KEYDIR_MAGIC, KEYDIR_SEGMENT_LEN, KEYDIR_START_LEN,
+    KEYDIR_VERSION, KeydirEntries, KeydirFile, KeydirFileBuilder, KeydirSegment,
 };
 pub use record::{
     APPLIED_LEN, FLAG_APPLIED, MERGED_CN_LEN, MergedBuilder, OP_HEADER_LEN, Op, OpIter, OpKind,

@@ -49,7 +49,7 @@ pub enum SegmentKind {
 }
 
 impl SegmentKind {
-    fn from_u16(v: u16) -> Result<Self, FormatError> {
+    pub(crate) fn from_u16(v: u16) -> Result<Self, FormatError> {
         match v {
             1 => Ok(SegmentKind::Log),
             2 => Ok(SegmentKind::Merged),

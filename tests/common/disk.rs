@@ -284,13 +284,14 @@ pub fn copy_store(src: &Path) -> tempfile::TempDir {
     dst
 }
 
-/// Removes the hint files of the store in `dir`, so that its next open
-/// reads and verifies every segment.
+/// Removes the hint files and the keydir file of the store in `dir`, so
+/// that its next open reads and verifies every segment.
 pub fn remove_hints(dir: &Path) {
     for entry in fs::read_dir(dir).expect("list store folder") {
         let path = entry.expect("list store folder").path();
-        if path.extension().is_some_and(|e| e == "hint") {
-            fs::remove_file(&path).expect("remove hint");
+        let keydir = path.file_name().is_some_and(|n| n == dkv_cask::KEYDIR_FILE);
+        if keydir || path.extension().is_some_and(|e| e == "hint") {
+            fs::remove_file(&path).expect("remove a cache file");
         }
     }
 }

@@ -27,6 +27,20 @@ pub fn test_options() -> Options {
     }
 }
 
+/// [`test_options`] with small segments, nothing kept for followers and
+/// no background merging (a test merges when it says so).
+pub fn merge_test_options() -> Options {
+    Options {
+        segment_size: 16 << 10,
+        retention: dkv_cask::Retention::none(),
+        merge: dkv_cask::MergeOptions {
+            automatic: false,
+            ..dkv_cask::MergeOptions::default()
+        },
+        ..test_options()
+    }
+}
+
 /// Opens a store with `options` in a new temporary folder.
 pub fn temp_store(options: Options) -> TempStore {
     let dir = tempfile::tempdir().expect("temp dir");
