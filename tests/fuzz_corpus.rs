@@ -47,7 +47,35 @@ fn seeds() -> Vec<Vec<u8>> {
     let op = record[40..].to_vec();
     let mut flipped = segment.clone();
     flipped[50] ^= 0x10;
-    vec![segment, record, applied, op, flipped, header, Vec::new()]
+    vec![
+        segment,
+        record,
+        applied,
+        op,
+        flipped,
+        header,
+        Vec::new(),
+        real_keydir_file(),
+    ]
+}
+
+/// The keydir file a small real store saves when it is closed.
+fn real_keydir_file() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Options::default()).unwrap();
+    for i in 0..4u8 {
+        store
+            .put(&[KvPair {
+                key: vec![b'k', i],
+                value: vec![i; 3],
+                expire_ts: u64::from(i % 2) * 4_000_000_000,
+            }])
+            .unwrap();
+    }
+    store.close().unwrap();
+    let bytes = fs::read(dir.path().join(dkv_cask::KEYDIR_FILE)).unwrap();
+    assert!(dkv_cask::format::KeydirFile::decode(&bytes).is_ok());
+    bytes
 }
 
 #[test]

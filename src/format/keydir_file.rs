@@ -202,8 +202,13 @@ impl<'a> KeydirFile<'a> {
             return Err(FormatError::NonZeroReserved);
         }
         let (segment_count, start_count, key_count) = (u32_at(12), u64_at(16), u64_at(24));
-        let last_start =
-            (flags & FLAG_LAST_START != 0).then(|| (u64_at(40), SegmentId(u32_at(48))));
+        let last_start = if flags & FLAG_LAST_START != 0 {
+            Some((u64_at(40), SegmentId(u32_at(48))))
+        } else if u64_at(40) != 0 || u32_at(48) != 0 {
+            return Err(FormatError::NonZeroReserved);
+        } else {
+            None
+        };
         let mut at = KEYDIR_HEADER_LEN;
         let mut segments = Vec::new();
         for _ in 0..segment_count {
