@@ -1,12 +1,13 @@
 //! The keydir file (format in `format/keydir_file.rs`): a clean close saves
 //! the whole index beside the segments, and the next open loads it instead
-//! of reading every hint and scanning the active segment (DESIGN.md 5.5).
+//! of reading every hint and scanning the active segment (DESIGN.md 2.8).
 //!
 //! It is a cache, trusted only as far as it can be checked: its checksum,
 //! every segment it names present with the same id, kind, range, length
 //! and sampled checksum (and nothing else on disk), nothing written after
-//! the active segment's recorded end, and every pointer inside its
-//! segment's records. Open removes it, and syncs the folder, before the
+//! the active segment's recorded end (its whole preallocated tail is
+//! zero), every pointer inside its segment's records, and every change
+//! start a record start of its log segment. Open removes it, and syncs the folder, before the
 //! store accepts a write, so it never outlives the state it describes; it
 //! is written without fsync (a torn or lost file fails a check, and open
 //! reads the hints as it would without one).
@@ -20,7 +21,7 @@ use std::path::Path;
 use crate::error::{IoContext, Result};
 use crate::format::{
     HINT_SAMPLE_LEN, KeydirFile, KeydirFileBuilder, KeydirSegment, OP_HEADER_LEN,
-    RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentKind, sample_crc,
+    SEGMENT_HEADER_LEN, SegmentKind, sample_crc,
 };
 use crate::keydir::{KeyDir, KeyEntry};
 use crate::log::{FileSystem, SegmentId};
@@ -173,14 +174,33 @@ pub(crate) fn load(
     };
     let mut changes = ChangeIndex::default();
     for (position, segment, offset) in file.change_starts() {
-        let fits = slot(segment).is_some_and(|i| offset < ends[i].1);
+        // A record start in a log segment, at the position its offset
+        // gives (change numbers are log positions).
+        let fits = slot(segment).is_some_and(|i| {
+            let d = &on_disk[i];
+            d.kind == SegmentKind::Log
+                && offset >= SEGMENT_HEADER_LEN as u64
+                && offset < ends[i].1
+                && d.base_position
+                    .checked_add(offset - SEGMENT_HEADER_LEN as u64)
+                    == Some(position)
+        });
         if !fits {
-            return Err(format!("a change start outside the records of {segment}"));
+            return Err(format!(
+                "a change start that is no record start of {segment}"
+            ));
         }
         changes.insert_start(position, segment, offset);
     }
     // Only a spacing hint for the next start to note (its segment may have
-    // been merged away since): restored as it was.
+    // been merged away since): restored as it was, if inside the log.
+    let log_end = ends.last().map_or(0, |&(end, _)| end);
+    if file
+        .last_start
+        .is_some_and(|(position, _)| position > log_end)
+    {
+        return Err("the last change start lies beyond the log".into());
+    }
     changes.set_last(file.last_start);
     let mut sums = vec![LiveSums::default(); on_disk.len()];
     let mut bad: Option<String> = None;
@@ -209,9 +229,6 @@ pub(crate) fn load(
         return Err(why);
     }
     let keydir = keydir.ok_or("keys out of order")?;
-    if keydir.len() as u64 != file.key_count() {
-        return Err("fewer keys than it counts".into());
-    }
     Ok(Some(Loaded {
         keydir,
         changes,
@@ -243,6 +260,9 @@ fn check_segment(
     if s.file_len != len || s.sample_crc != sample_crc(d.bytes) {
         return Err("the file changed".into());
     }
+    if s.tombstones > len {
+        return Err("more tombstone bytes than the file holds".into());
+    }
     let records = d.kind.records_start() as u64;
     if active {
         // The only segment whose end is not its length: nothing may have
@@ -251,26 +271,32 @@ fn check_segment(
         let logical = s
             .end_offset
             .checked_sub(records)
-            .map(|n| d.base_position + n);
+            .and_then(|n| d.base_position.checked_add(n));
         if s.end_offset > len || logical != Some(s.end_position) {
             return Err("its recorded end does not fit the file".into());
         }
-        let after = &d.bytes[s.end_offset as usize..];
-        if after[..after.len().min(RECORD_HEADER_LEN)]
-            .iter()
-            .any(|&b| b != 0)
-        {
+        if !all_zero(&d.bytes[s.end_offset as usize..]) {
             return Err("bytes were written after its recorded end".into());
         }
     } else {
         let end = d
             .stated_end
-            .unwrap_or(d.base_position + len - SEGMENT_HEADER_LEN as u64);
-        if (s.end_position, s.end_offset) != (end, len) {
+            .or_else(|| d.base_position.checked_add(len - SEGMENT_HEADER_LEN as u64));
+        if (Some(s.end_position), s.end_offset) != (end, len) {
             return Err("its recorded end is not the file's end".into());
         }
     }
     Ok(())
+}
+
+/// Whether every byte is zero (word by word: a preallocated tail may be
+/// most of a segment).
+fn all_zero(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let whole = words
+        .by_ref()
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0);
+    whole && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// Whether `e` (the entry of `key`) lies within the records of a segment

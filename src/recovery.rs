@@ -1,7 +1,9 @@
-//! Open-time recovery: reads every segment, verifies every checksum, rebuilds
-//! the KeyDir, and decides what damaged bytes are: a torn tail of the newest
-//! segment (never synced, so cut off) or corruption of durable data (an error,
-//! or skipped and reported in the tolerant mode). Must not append records.
+//! Open-time recovery: rebuilds the KeyDir from the keydir file a clean close
+//! saved (when every check on it holds), else from each sealed segment's hint
+//! or by reading it and verifying every checksum, and decides what damaged
+//! bytes are: a torn tail of the newest segment (never synced, so cut off) or
+//! corruption of durable data (an error, or skipped and reported in the
+//! tolerant mode). Must not append records.
 //!
 //! Telling the two apart: every record header carries a log position that was
 //! already durable when it was written. Damage at a position below what any

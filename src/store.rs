@@ -133,6 +133,10 @@ pub(crate) struct Inner {
     pub(crate) opened_at: u64,
     closed: AtomicBool,
     pub(crate) report: RecoveryReport,
+    /// The last rebuild of the index (open, or a swap of the folder's
+    /// contents) skipped damaged ranges: close saves no keydir file, so
+    /// that each open reads the segments again and reports them.
+    damage_skipped: AtomicBool,
     /// The interval syncer, when `SyncMode::Interval`.
     syncer: Mutex<Option<Syncer>>,
     /// Held by a running merge; taken by whatever replaces the folder's
@@ -578,6 +582,7 @@ impl Store {
             read_bytes: AtomicU64::new(0),
             opened_at: published,
             closed: AtomicBool::new(false),
+            damage_skipped: AtomicBool::new(!a.report.skipped.is_empty()),
             report: a.report,
             syncer: Mutex::new(None),
             merge_lock: Mutex::new(()),
@@ -868,6 +873,8 @@ impl Inner {
             *self.lock.lock() = Some(lock);
             self.commit.reset(Arc::clone(&a.active.file), position);
             self.applied.store(a.applied, Ordering::Release);
+            self.damage_skipped
+                .store(!a.report.skipped.is_empty(), Ordering::Release);
             self.sealed_crcs.lock().clear();
             {
                 let mut state = self.state.write();
@@ -1056,9 +1063,11 @@ impl Inner {
         };
         {
             let mut state = self.state.write();
-            // Not when open skipped damaged ranges: each open reads the
-            // segments again and reports them.
-            if save_keydir && result.is_ok() && self.report.skipped.is_empty() {
+            if save_keydir
+                && self.options.save_keydir
+                && result.is_ok()
+                && !self.damage_skipped.load(Ordering::Acquire)
+            {
                 // A cache: a failure only means a slower next open.
                 let _ = crate::log::best_effort(|| self.save_keydir(&state, active));
             }

@@ -12,10 +12,12 @@ use std::sync::Arc;
 
 use common::disk::*;
 use common::*;
+use dkv_cask::format::{KeydirFile, KeydirFileBuilder, KeydirSegment};
 use dkv_cask::serverpb::KvPair;
 use dkv_cask::{
-    Backupable, ChangeApplier, ChangePropagator, FileSystem, KEYDIR_FILE, KEYDIR_TMP_FILE, KvStore,
-    Options, StdFileSystem, Store, SyncMode,
+    Backupable, ChangeApplier, ChangePropagator, FaultInjector, FileSystem, InjectedError,
+    KEYDIR_FILE, KEYDIR_TMP_FILE, KeyEntry, KvStore, Options, SYNC_FAILED_FILE, SegmentId,
+    StdFileSystem, Store, SyncMode,
 };
 
 /// Small segments, nothing kept for followers, merges only when called.
@@ -197,21 +199,32 @@ fn open_removes_the_keydir_file_before_the_store_takes_a_write() {
 #[test]
 fn a_keydir_file_older_than_the_segments_is_never_used() {
     type Change<'a> = &'a dyn Fn(&Store);
-    let cases: [(&str, SyncMode, Change); 4] = [
-        // Preallocated: the active file keeps its length, only its bytes
-        // after the recorded end show the new records.
-        ("appended in place", SyncMode::Always, &|s| {
-            s.put(&[pair("late", "write")]).unwrap()
-        }),
-        ("appended", SyncMode::Never, &|s| {
-            s.put(&[pair("late", "write")]).unwrap()
-        }),
-        ("rolled over", SyncMode::Never, &|s| fill(s, 3)),
-        ("merged", SyncMode::Never, &|s| {
-            s.merge().unwrap();
-        }),
+    let cases: [(&str, SyncMode, Change, &str); 4] = [
+        // Preallocated: the active file keeps its length and its sampled
+        // ends, only its bytes after the recorded end show the new record.
+        (
+            "appended in place",
+            SyncMode::Always,
+            &|s| s.put(&[pair("late", "write")]).unwrap(),
+            "written after its recorded end",
+        ),
+        (
+            "appended",
+            SyncMode::Never,
+            &|s| s.put(&[pair("late", "write")]).unwrap(),
+            "the file changed",
+        ),
+        ("rolled over", SyncMode::Never, &|s| fill(s, 3), "segments"),
+        (
+            "merged",
+            SyncMode::Never,
+            &|s| {
+                s.merge().unwrap();
+            },
+            "segment",
+        ),
     ];
-    for (what, sync_mode, change) in cases {
+    for (what, sync_mode, change, why) in cases {
         let t = temp_store(options(sync_mode));
         fill(&t.store, 1);
         t.store.close().unwrap();
@@ -224,7 +237,8 @@ fn a_keydir_file_older_than_the_segments_is_never_used() {
         let store = reopen(t.dir.path(), options(sync_mode));
         let report = store.recovery_report();
         assert!(!report.from_keydir_file, "{what}");
-        assert!(report.keydir_file_unused.is_some(), "{what}: {report:?}");
+        let reason = report.keydir_file_unused.as_deref().unwrap_or("");
+        assert!(reason.contains(why), "{what}: {reason:?}");
         assert_same(&seen(&store), &expected, what);
     }
 }
@@ -398,4 +412,194 @@ fn a_store_that_skipped_damage_saves_no_keydir_file_so_every_open_reports_it() {
     assert!(!keydir_path(t.dir.path()).exists());
     let store = reopen(t.dir.path(), tolerant);
     assert_eq!(store.recovery_report().skipped.len(), 1);
+}
+
+#[test]
+fn with_save_keydir_off_close_saves_none_and_open_reads_the_hints() {
+    let off = Options {
+        save_keydir: false,
+        ..options(SyncMode::Never)
+    };
+    let t = temp_store(off.clone());
+    fill(&t.store, 1);
+    let expected = seen(&t.store);
+    t.store.close().unwrap();
+    assert!(!keydir_path(t.dir.path()).exists());
+    let store = reopen(t.dir.path(), off);
+    let report = store.recovery_report();
+    assert!(!report.from_keydir_file);
+    assert!(report.segments_from_hints > 0, "{report:?}");
+    assert_same(&seen(&store), &expected, "");
+}
+
+/// A store of `fill` closed cleanly, and its keydir file's bytes.
+fn closed_store_with_keydir(sync_mode: SyncMode) -> (tempfile::TempDir, Vec<u8>) {
+    let t = temp_store(options(sync_mode));
+    fill(&t.store, 1);
+    t.store.close().unwrap();
+    let bytes = fs::read(keydir_path(t.dir.path())).unwrap();
+    (t.dir, bytes)
+}
+
+/// The parts of a keydir file, to edit.
+struct Parts {
+    segments: Vec<KeydirSegment>,
+    starts: Vec<(u64, SegmentId, u64)>,
+    keys: Vec<(Vec<u8>, KeyEntry)>,
+    last: Option<(u64, SegmentId)>,
+}
+
+/// Re-encodes a keydir file with `edit` applied to its parts: a file whose
+/// checksum holds and whose content lies.
+fn forged(bytes: &[u8], edit: &dyn Fn(&mut Parts)) -> Vec<u8> {
+    let file = KeydirFile::decode(bytes).expect("a real keydir file decodes");
+    let mut p = Parts {
+        segments: file.segments.clone(),
+        starts: file.change_starts().collect(),
+        keys: file.entries().map(|(k, e)| (k.to_vec(), e)).collect(),
+        last: file.last_start,
+    };
+    edit(&mut p);
+    let mut b = KeydirFileBuilder::new(file.applied, p.last, bytes.len());
+    for s in &p.segments {
+        b.segment(s);
+    }
+    for &(position, segment, offset) in &p.starts {
+        b.change_start(position, segment, offset);
+    }
+    for (key, entry) in &p.keys {
+        b.key(key, entry);
+    }
+    b.finish()
+}
+
+#[test]
+fn a_keydir_file_whose_checksum_holds_but_whose_content_lies_is_refused() {
+    let (dir, good) = closed_store_with_keydir(SyncMode::Always);
+    let expected = {
+        let image = copy_store(dir.path());
+        let store = reopen(image.path(), options(SyncMode::Always));
+        assert!(store.recovery_report().from_keydir_file);
+        seen(&store)
+    };
+    type Edit = Box<dyn Fn(&mut Parts)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "a key past its segment's records",
+            Box::new(|p| {
+                let e = &mut p.keys[0].1;
+                let end = p
+                    .segments
+                    .iter()
+                    .find(|s| s.id == e.pointer.segment)
+                    .unwrap()
+                    .end_offset;
+                e.pointer.offset = end as u32;
+            }),
+            "points outside",
+        ),
+        (
+            "a key in a segment that is not there",
+            Box::new(|p| p.keys[5].1.pointer.segment = SegmentId(9999)),
+            "points outside",
+        ),
+        (
+            "a key shorter than its operation",
+            Box::new(|p| p.keys[7].1.pointer.len = 3),
+            "points outside",
+        ),
+        (
+            "keys out of order",
+            Box::new(|p| p.keys.swap(2, 3)),
+            "out of order",
+        ),
+        (
+            "a change start that is no record start",
+            Box::new(|p| p.starts[0].0 += 1),
+            "no record start",
+        ),
+        (
+            "a last start beyond the log",
+            Box::new(|p| p.last = Some((u64::MAX, SegmentId(1)))),
+            "beyond the log",
+        ),
+        (
+            "a sealed segment's end moved",
+            Box::new(|p| p.segments[0].end_position += 1),
+            "not the file's end",
+        ),
+        (
+            "the active segment's end past the file",
+            Box::new(|p| {
+                let a = p.segments.last_mut().unwrap();
+                a.end_offset = a.file_len + 100;
+                a.end_position += a.file_len + 100;
+            }),
+            "does not fit",
+        ),
+        (
+            "the active segment's end moved back",
+            Box::new(|p| {
+                let a = p.segments.last_mut().unwrap();
+                a.end_offset -= 1;
+                a.end_position -= 1;
+            }),
+            "written after",
+        ),
+        (
+            "more tombstones than bytes",
+            Box::new(|p| p.segments[0].tombstones = u64::MAX),
+            "tombstone",
+        ),
+        (
+            "a segment missing",
+            Box::new(|p| {
+                p.segments.remove(0);
+            }),
+            "segments",
+        ),
+    ];
+    for (what, edit, why) in cases {
+        let image = copy_store(dir.path());
+        fs::write(keydir_path(image.path()), forged(&good, &*edit)).unwrap();
+        let store = reopen(image.path(), options(SyncMode::Always));
+        let report = store.recovery_report();
+        assert!(!report.from_keydir_file, "{what}");
+        let reason = report.keydir_file_unused.as_deref().unwrap_or("");
+        assert!(reason.contains(why), "{what}: {reason:?}");
+        assert_same(&seen(&store), &expected, what);
+    }
+    // The unedited re-encoding is used: each forgery fails on its lie.
+    let image = copy_store(dir.path());
+    fs::write(keydir_path(image.path()), forged(&good, &|_| {})).unwrap();
+    let store = reopen(image.path(), options(SyncMode::Always));
+    assert!(store.recovery_report().from_keydir_file);
+}
+
+#[test]
+fn a_poisoned_store_saves_no_keydir_file_and_a_sync_failure_marker_disables_one() {
+    let faults = Arc::new(FaultInjector::new());
+    let failing = Options {
+        fault_injector: Some(Arc::clone(&faults)),
+        ..options(SyncMode::Always)
+    };
+    let t = temp_store(failing);
+    fill(&t.store, 1);
+    faults.fail_after(0, InjectedError::Eio);
+    assert!(t.store.put(&[pair("lost", "write")]).is_err());
+    assert!(t.store.close().is_err(), "a poisoned close reports it");
+    assert!(!keydir_path(t.dir.path()).exists());
+
+    // A keydir file beside a sync-failure marker (which no clean close
+    // leaves) is not trusted: the marker's cut comes first.
+    let (dir, good) = closed_store_with_keydir(SyncMode::Never);
+    let last = {
+        let image = copy_store(dir.path());
+        reopen(image.path(), options(SyncMode::Never)).last_change_number()
+    };
+    fs::write(keydir_path(dir.path()), &good).unwrap();
+    fs::write(dir.path().join(SYNC_FAILED_FILE), last.to_string()).unwrap();
+    let store = reopen(dir.path(), options(SyncMode::Never));
+    assert!(!store.recovery_report().from_keydir_file);
+    assert_eq!(store.last_change_number(), last);
 }

@@ -59,14 +59,21 @@ fn quantiles_of_a_known_distribution_are_within_the_objectives() {
             "quantile {q}: value {v} is rank {rank}"
         );
     }
-    // A larger stream is sampled; its quantiles stay close.
+    // A larger stream is sampled (a uniform reservoir of 8,192 per tenth
+    // of the window, drawn at random): each quantile lies within 4.5
+    // standard errors, sqrt(q(1-q)/8192), of the true one. A fixed bound
+    // of 0.01 failed about one run in fifteen at the median (1.8 errors).
     let big = Stat::new("big", Duration::from_secs(10)).unwrap();
     for i in 0..100_000u64 {
         big.request_latency
             .observe(Op::Put, ((i * 7919) % 100_000) as f64 / 100_000.0);
     }
     for (q, v) in big.request_latency.quantiles(Op::Put) {
-        assert!((v - q).abs() <= 0.01, "sampled quantile {q}: {v}");
+        let bound = 4.5 * (q * (1.0 - q) / 8192.0).sqrt();
+        assert!(
+            (v - q).abs() <= bound,
+            "sampled quantile {q}: {v}, more than {bound} off"
+        );
     }
 }
 
