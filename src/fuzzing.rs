@@ -177,7 +177,11 @@ const OPEN_DIR_NOW: u64 = 2_000_000_000;
 /// segment), so where the body wrote a well-formed hint whose entries lie
 /// about its segment (an expiry the operation does not have, say), the
 /// pairs may differ once the store is reopened after a merge: then they are
-/// compared only before the reopen.
+/// compared only before the reopen. When the input's last byte has its top
+/// bit set, the keydir file the first clean close saves is doctored (the
+/// byte at the offset the two bytes before it name, checksum fixed up):
+/// open refuses it or loads its lie, and every call still returns a value
+/// or a typed error.
 pub fn open_dir(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
@@ -199,12 +203,36 @@ pub fn open_dir(data: &[u8]) {
         },
         ..merging_options(OPEN_DIR_NOW)
     };
+    // The last bytes may also say how to doctor the keydir file the first
+    // clean close saves: a byte changed and its checksum made to hold.
+    let doctor = match data {
+        [.., a, b, c] if c & 0x80 != 0 => Some((usize::from(u16::from_le_bytes([*a, *b])), c | 1)),
+        _ => None,
+    };
     check_open_dir(
         dir.path(),
         &options,
         !plain && first & 0x20 != 0,
         !hints_lie,
+        doctor,
     );
+}
+
+/// Changes the byte at `at` (modulo the body) of the keydir file in `dir`
+/// by `xor`, and rewrites its trailer so the checksum holds: a lying file
+/// that only the content checks can catch. Whether there was one.
+fn doctor_keydir_file(dir: &std::path::Path, at: usize, xor: u8) -> bool {
+    let path = dir.join(crate::KEYDIR_FILE);
+    let Ok(mut bytes) = std::fs::read(&path) else {
+        return false;
+    };
+    let Some(body) = bytes.len().checked_sub(4).filter(|&n| n > 0) else {
+        return false;
+    };
+    bytes[at % body] ^= xor;
+    let crc = crc32fast::hash(&bytes[..body]);
+    bytes[body..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).is_ok()
 }
 
 /// Whether `e` is one of the errors that damaged files may cause.
@@ -217,12 +245,16 @@ fn is_damage(e: &crate::Error) -> bool {
 
 /// The properties of `open_dir` over the folder `dir`: `partial` merges
 /// the newest sealed segment alone first; `hints_true` says whether the
-/// pairs must also stay the same through reopens.
+/// pairs must also stay the same through reopens; `doctor` changes a byte
+/// of the keydir file the first close saves (see [`doctor_keydir_file`]):
+/// then the reopened store may hold what the lie says, but every call
+/// still returns a value or a typed error.
 fn check_open_dir(
     dir: &std::path::Path,
     options: &crate::Options,
     partial: bool,
     hints_true: bool,
+    doctor: Option<(usize, u8)>,
 ) {
     use crate::KvStore;
     use std::collections::BTreeMap;
@@ -287,16 +319,21 @@ fn check_open_dir(
     }
     same(pairs(&store, "after the merge"), "after the merge");
     store.close().expect("close");
+    let lied = doctor.is_some_and(|(at, xor)| doctor_keydir_file(dir, at, xor));
     let again =
         crate::Store::open(dir, options.clone()).expect("a store that took a write reopens");
-    let got = again.get(&[b"fuzz"]).expect("get after reopen");
-    assert_eq!(
-        got.into_iter().next().map(|p| p.value),
-        Some(b"ok".to_vec()),
-        "an acknowledged write survives a merge and a reopen"
-    );
+    let used_lie = lied && again.recovery_report().from_keydir_file;
+    match again.get(&[b"fuzz"]) {
+        Ok(got) if !used_lie => assert_eq!(
+            got.into_iter().next().map(|p| p.value),
+            Some(b"ok".to_vec()),
+            "an acknowledged write survives a merge and a reopen"
+        ),
+        Ok(_) => {}
+        Err(e) => assert!(used_lie && is_damage(&e), "get after reopen failed: {e}"),
+    }
     let after = pairs(&again, "after the reopen");
-    if hints_true {
+    if hints_true && !used_lie {
         same(after.clone(), "after the merge and a reopen");
     }
     // The merged folder opens again the same (with the hints that the
