@@ -330,6 +330,11 @@ fn bench_plot_writes_an_svg_with_both_panels() {
         .expect("run dkv-cask");
     let out = stdout(&o);
     assert!(out.contains("plot written to "), "{out}");
+    // The reopen row: from the keydir file, against hints.
+    assert!(
+        out.contains("| reopen to first get, clean close |") && out.contains("from hints"),
+        "{out}"
+    );
     let text = std::fs::read_to_string(&svg).expect("the plot exists");
     assert!(text.starts_with("<svg") || text.starts_with("<?xml"));
     assert!(text.trim_end().ends_with("</svg>"));

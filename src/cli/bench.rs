@@ -168,6 +168,59 @@ fn timed<T>(name: &str, items: impl Iterator<Item = T>, mut f: impl FnMut(T)) ->
     }
 }
 
+/// Reopen of the `n`-key store in `dir` to its first answered get, three
+/// times from the keydir file its clean close saves, then three times with
+/// that file removed (from hints, as after a crash); close is not timed.
+fn reopen_row(dir: &Path, n: u64) -> Result<Row, Box<dyn std::error::Error>> {
+    let run = |from_hints: bool| -> Result<Row, Box<dyn std::error::Error>> {
+        let name = if from_hints {
+            "reopen to first get, from hints"
+        } else {
+            "reopen to first get, clean close"
+        };
+        progress(name);
+        let mut latencies = Vec::new();
+        for _ in 0..3 {
+            if from_hints {
+                match std::fs::remove_file(dir.join(dkv_cask::KEYDIR_FILE)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
+            }
+            let start = Instant::now();
+            let store = Store::open(
+                dir,
+                Options {
+                    sync_mode: SyncMode::Never,
+                    ..Options::default()
+                },
+            )?;
+            assert_eq!(store.get(&[&key(n / 2)])?.len(), 1, "a key after reopen");
+            latencies.push(start.elapsed().as_nanos() as u64);
+            assert_eq!(store.recovery_report().from_keydir_file, !from_hints);
+            store.close()?;
+        }
+        latencies.sort_unstable();
+        Ok(Row {
+            name: name.into(),
+            ops: latencies.len() as u64,
+            elapsed: Duration::from_nanos(latencies.iter().sum()),
+            latencies,
+            reference: None,
+            note: String::new(),
+        })
+    };
+    let mut row = run(false)?;
+    let hinted = run(true)?;
+    row.reference = Some(("reopen from hints".into(), hinted.rate()));
+    row.note = format!(
+        "{n} keys; p50 is the median of 3 opens: {:.0} ms, from hints {:.0} ms",
+        row.percentile(0.5) / 1e3,
+        hinted.percentile(0.5) / 1e3
+    );
+    Ok(row)
+}
+
 /// The cost of metrics (DKV's `Stat` and the store collector): the same
 /// puts and gets on two stores, one with metrics and one without, in
 /// alternating blocks so that drift in the machine's speed hits both alike.
@@ -375,6 +428,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     rows.push(row);
     store.close()?;
     drop(model);
+    rows.push(reopen_row(&tmp.path().join("never"), n)?);
 
     let seconds = Duration::from_secs_f64(args.seconds.max(0.1));
     progress("raw 4 KiB pwrite + fdatasync");
