@@ -95,9 +95,19 @@ impl Store {
         self.inner.check_open()?;
         self.inner.seal_active()?;
         let mut report = MergeReport::default();
-        for run in plan(&self.inner, true)? {
-            let _merging = self.inner.merge_lock.lock();
-            merge_run(&self.inner, &run, true, hook, &mut report)?;
+        // The plan is made before each run takes the merge lock: a run the
+        // background merger changed meanwhile is skipped, and its segments
+        // are planned again (at most 16 rounds: the background merger only
+        // shrinks what is left to do).
+        for _ in 0..16 {
+            let mut stale = false;
+            for run in plan(&self.inner, true)? {
+                let _merging = self.inner.merge_lock.lock();
+                stale |= !merge_run(&self.inner, &run, true, hook, &mut report)?;
+            }
+            if !stale {
+                break;
+            }
         }
         report.duration = started.elapsed();
         Ok(report)
