@@ -59,11 +59,10 @@ fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
-/// The keydir file a small real store saves when it is closed.
-fn real_keydir_file() -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), Options::default()).unwrap();
-    for i in 0..4u8 {
+/// Puts `n` small pairs `k0`, `k1`, ...; every other one expires (far in
+/// the future).
+fn put_small_pairs(store: &Store, n: u8) {
+    for i in 0..n {
         store
             .put(&[KvPair {
                 key: vec![b'k', i],
@@ -72,6 +71,13 @@ fn real_keydir_file() -> Vec<u8> {
             }])
             .unwrap();
     }
+}
+
+/// The keydir file a small real store saves when it is closed.
+fn real_keydir_file() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Options::default()).unwrap();
+    put_small_pairs(&store, 4);
     store.close().unwrap();
     let bytes = fs::read(dir.path().join(dkv_cask::KEYDIR_FILE)).unwrap();
     assert!(dkv_cask::format::KeydirFile::decode(&bytes).is_ok());
@@ -113,15 +119,7 @@ fn real_store_material() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         },
     )
     .unwrap();
-    for i in 0..8u8 {
-        store
-            .put(&[KvPair {
-                key: vec![b'k', i],
-                value: vec![i; 3],
-                expire_ts: u64::from(i % 2) * 4_000_000_000,
-            }])
-            .unwrap();
-    }
+    put_small_pairs(&store, 8);
     store.delete(&[b'k', 3]).unwrap();
     let mut snapshot = Vec::new();
     std::io::Read::read_to_end(&mut store.get_snapshot().unwrap(), &mut snapshot).unwrap();
