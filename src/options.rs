@@ -206,6 +206,20 @@ pub struct Options {
     /// delayed-allocation path, which made single puts 1.8x faster here,
     /// and there a sync is rare. See [`Options::preallocates`].
     pub preallocate: bool,
+    /// Under [`SyncMode::Never`] and [`SyncMode::Interval`], append to the
+    /// active segment by copying records into a shared writable map of it
+    /// rather than with one `pwrite` each (DESIGN.md 2.4): no system call
+    /// per write, which made single puts up to twice as fast here. The
+    /// segment is then extended with allocated zeros (`fallocate`) 1 MiB
+    /// at a time ahead of the records, so that a full disk fails that call
+    /// with a typed error before any copy. Either way an acknowledged write
+    /// is in the page cache (a process crash keeps it) and `fdatasync`
+    /// makes it durable. Under [`SyncMode::Always`] appends always use
+    /// `pwrite`: every sync would write-protect the copied pages again,
+    /// which made durable puts slower. Turn it off on copy-on-write file
+    /// systems (btrfs, ZFS), where a write into a full disk through a map
+    /// is a `SIGBUS` instead of an error. Default: `true`.
+    pub map_appends: bool,
     /// Save the whole index as the `KEYDIR` file at a clean close, so that
     /// the next open loads it instead of reading every hint (DESIGN.md
     /// 2.8): a 1M-key store opened in 68 ms instead of 221 ms here. The
@@ -244,6 +258,7 @@ impl Default for Options {
             recovery_mode: RecoveryMode::TolerateTornTail,
             segment_size: 64 << 20,
             preallocate: true,
+            map_appends: true,
             save_keydir: true,
             max_batch_bytes: 32 << 20,
             clock: Clock::System,
@@ -275,6 +290,15 @@ impl Options {
                 faults: Arc::clone(faults),
             }),
             None => Arc::clone(&self.file_system),
+        }
+    }
+
+    /// How the active segment is laid out and written to.
+    pub(crate) fn segment_plan(&self) -> crate::log::SegmentPlan {
+        crate::log::SegmentPlan {
+            capacity: self.segment_size,
+            preallocate: self.preallocates(),
+            map_appends: self.map_appends && self.sync_mode != SyncMode::Always,
         }
     }
 

@@ -32,8 +32,8 @@ use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, SegmentKind, decode_op};
 use crate::iter::{Iter, IterationOptions};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
-    ActiveMap, ActiveSegment, DirLock, FileSystem, GroupCommit, SealedSegment, SegmentId, Spare,
-    sync_dir,
+    ActiveMap, ActiveSegment, DirLock, FileSystem, GroupCommit, SealedSegment, SegmentId,
+    SegmentPlan, Spare, sync_dir,
 };
 use crate::metrics::Op;
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
@@ -439,22 +439,13 @@ fn assemble(dir: &Path, options: &Options, fs: &dyn FileSystem) -> Result<Assemb
                 _ => {}
             }
             unhinted.retain(|&u| u != id);
-            ActiveSegment::reopen(
-                &path,
-                id,
-                base,
-                end,
-                options.segment_size,
-                options.preallocates(),
-                fs,
-            )?
+            ActiveSegment::reopen(&path, id, base, end, options.segment_plan(), fs)?
         }
         None => ActiveSegment::create(
             dir,
             next_segment,
             scanned.last().map_or(0, |s| s.end_position),
-            options.segment_size,
-            options.preallocates(),
+            options.segment_plan(),
             fs,
         )?,
     };
@@ -724,7 +715,7 @@ impl Inner {
                     &self.dir,
                     next,
                     end,
-                    self.options.segment_size,
+                    self.options.segment_plan(),
                     spare,
                     &*self.fs,
                 )?,
@@ -732,8 +723,10 @@ impl Inner {
                     &self.dir,
                     next,
                     end,
-                    self.options.segment_size,
-                    false,
+                    SegmentPlan {
+                        preallocate: false,
+                        ..self.options.segment_plan()
+                    },
                     &*self.fs,
                 )?,
             };

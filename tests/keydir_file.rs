@@ -199,42 +199,60 @@ fn open_removes_the_keydir_file_before_the_store_takes_a_write() {
 #[test]
 fn a_keydir_file_older_than_the_segments_is_never_used() {
     type Change<'a> = &'a dyn Fn(&Store);
-    let cases: [(&str, SyncMode, Change, &str); 4] = [
-        // Preallocated: the active file keeps its length and its sampled
-        // ends, only its bytes after the recorded end show the new record.
+    let late_put: Change = &|s| s.put(&[pair("late", "write")]).unwrap();
+    let appending_with_pwrite = Options {
+        map_appends: false,
+        ..options(SyncMode::Never)
+    };
+    let cases: [(&str, Options, Change, &str); 5] = [
+        // Preallocated, or allocated ahead of the records for appends
+        // through the map: the active file keeps its length and its
+        // sampled ends, only its bytes after the recorded end show the new
+        // record.
         (
             "appended in place",
-            SyncMode::Always,
-            &|s| s.put(&[pair("late", "write")]).unwrap(),
+            options(SyncMode::Always),
+            late_put,
+            "written after its recorded end",
+        ),
+        (
+            "appended ahead",
+            options(SyncMode::Never),
+            late_put,
             "written after its recorded end",
         ),
         (
             "appended",
-            SyncMode::Never,
-            &|s| s.put(&[pair("late", "write")]).unwrap(),
+            appending_with_pwrite,
+            late_put,
             "the file changed",
         ),
-        ("rolled over", SyncMode::Never, &|s| fill(s, 3), "segments"),
+        (
+            "rolled over",
+            options(SyncMode::Never),
+            &|s| fill(s, 3),
+            "segments",
+        ),
         (
             "merged",
-            SyncMode::Never,
+            options(SyncMode::Never),
             &|s| {
                 s.merge().unwrap();
             },
             "segment",
         ),
     ];
-    for (what, sync_mode, change, why) in cases {
-        let t = temp_store(options(sync_mode));
+    for (what, options, change, why) in cases {
+        let t = temp_store(options.clone());
         fill(&t.store, 1);
         t.store.close().unwrap();
         let stale = fs::read(keydir_path(t.dir.path())).unwrap();
-        let store = reopen(t.dir.path(), options(sync_mode));
+        let store = reopen(t.dir.path(), options.clone());
         change(&store);
         let expected = seen(&store);
         store.close().unwrap();
         fs::write(keydir_path(t.dir.path()), &stale).unwrap();
-        let store = reopen(t.dir.path(), options(sync_mode));
+        let store = reopen(t.dir.path(), options);
         let report = store.recovery_report();
         assert!(!report.from_keydir_file, "{what}");
         let reason = report.keydir_file_unused.as_deref().unwrap_or("");

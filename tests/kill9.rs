@@ -1,8 +1,11 @@
 //! The kill -9 crash loop: a child process writes with several threads
-//! under `SyncMode::Always` (a background merge running meanwhile) and
-//! records every acknowledged write in a side log; the parent kills it with
-//! SIGKILL at a random moment, reopens the store, and checks that every
-//! acknowledged write is there. CI runs a
+//! (a background merge running meanwhile) and records every acknowledged
+//! write in a side log; the parent kills it with SIGKILL at a random
+//! moment, reopens the store, and checks that every acknowledged write is
+//! there. Rounds alternate between `SyncMode::Always` (appends with
+//! `pwrite`, each put synced) and `SyncMode::Never` (appends copied into
+//! the active segment's map, never synced: a process crash must still keep
+//! every acknowledged write, which sits in the page cache). CI runs a
 //! short loop; `DKV_KILL_ITERATIONS=1000 cargo test --release --test kill9`
 //! runs a long one.
 //!
@@ -25,14 +28,15 @@ use common::*;
 use dkv_cask::{KvStore, Options, Store, SyncMode};
 
 const CHILD_DIR_VAR: &str = "DKV_KILL9_CHILD_DIR";
+const CHILD_MODE_VAR: &str = "DKV_KILL9_SYNC_MODE";
 const WRITERS: u64 = 4;
 
 /// Small segments and a background merge that rewrites even fully live
 /// segments (their record headers are more than 30% of them), so kills also
 /// land in merges.
-fn options() -> Options {
+fn options(sync_mode: SyncMode) -> Options {
     Options {
-        sync_mode: SyncMode::Always,
+        sync_mode,
         segment_size: 64 << 10,
         max_batch_bytes: 16 << 10,
         retention: dkv_cask::Retention::none(),
@@ -54,7 +58,11 @@ fn kill9_child_writes_until_killed() {
         return;
     };
     let dir = Path::new(&dir);
-    let store = Store::open(dir.join("db"), options()).expect("child opens the store");
+    let sync_mode = match std::env::var(CHILD_MODE_VAR).as_deref() {
+        Ok("never") => SyncMode::Never,
+        _ => SyncMode::Always,
+    };
+    let store = Store::open(dir.join("db"), options(sync_mode)).expect("child opens the store");
     let round: u64 = std::env::var("DKV_KILL9_ROUND").unwrap().parse().unwrap();
     std::thread::scope(|s| {
         for t in 0..WRITERS {
@@ -120,6 +128,11 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
     let mut checked = 0;
     let mut all_acked: HashMap<String, String> = HashMap::new();
     for round in 0..iterations {
+        let (mode, sync_mode) = if round % 2 == 0 {
+            ("always", SyncMode::Always)
+        } else {
+            ("never", SyncMode::Never)
+        };
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
@@ -129,6 +142,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
             ])
             .env(CHILD_DIR_VAR, dir.path())
             .env("DKV_KILL9_ROUND", round.to_string())
+            .env(CHILD_MODE_VAR, mode)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -136,8 +150,8 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
         std::thread::sleep(Duration::from_millis(30 + rng.below(150)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let store = Store::open(dir.path().join("db"), options())
-            .unwrap_or_else(|e| panic!("round {round}: reopen after kill -9 failed: {e}"));
+        let store = Store::open(dir.path().join("db"), options(sync_mode))
+            .unwrap_or_else(|e| panic!("round {round} ({mode}): reopen after kill -9 failed: {e}"));
         // This round's acknowledged writes, all of them, and a sample of
         // the earlier rounds' (a later crash must not lose them either).
         let fresh = acknowledged(dir.path(), round);
@@ -156,7 +170,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
             assert_eq!(
                 found.get(k.as_bytes()).map(Vec::as_slice),
                 Some(v.as_bytes()),
-                "round {round}: acknowledged write {k} lost"
+                "round {round} ({mode}): acknowledged write {k} lost"
             );
         }
         checked += fresh.len();
@@ -164,7 +178,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
         if round % 50 == 49 {
             // Keep the store small enough for long loops.
             drop(store);
-            let reopened = Store::open(dir.path().join("db"), options()).unwrap();
+            let reopened = Store::open(dir.path().join("db"), options(sync_mode)).unwrap();
             for k in all_acked.keys() {
                 // The batch's second key too: a kill may have cut the log.
                 reopened.delete(k.as_bytes()).unwrap();
@@ -188,7 +202,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
         store.close().unwrap();
     }
     assert!(checked > 0, "the children acknowledged no write at all");
-    let store = Store::open(dir.path().join("db"), options()).unwrap();
+    let store = Store::open(dir.path().join("db"), options(SyncMode::Always)).unwrap();
     let merged = store
         .stats()
         .unwrap()

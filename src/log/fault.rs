@@ -151,6 +151,10 @@ impl FileSystem for Faulty {
         self.faults.check()?;
         self.inner.set_len(file, len)
     }
+    fn allocate(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
+        self.faults.check()?;
+        self.inner.allocate(file, from, to)
+    }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         self.faults.check()?;
         self.inner.rename(from, to)

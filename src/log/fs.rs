@@ -31,6 +31,15 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn sync_all(&self, file: &File) -> io::Result<()>;
     /// Cuts or extends the file to `len` bytes.
     fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
+    /// Extends the file from `from` bytes (its length) to `to` bytes of
+    /// zeros with the new blocks allocated (`fallocate`), so that writes
+    /// below `to` need no more space: a full disk fails this call rather
+    /// than a later copy into a map. Default: [`set_len`](Self::set_len),
+    /// which a layer that records or fails calls sees as an extension.
+    fn allocate(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
+        let _ = from;
+        self.set_len(file, to)
+    }
     /// Renames a file or folder, replacing a file at `to`.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file's name.
@@ -44,6 +53,15 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// `fsync` of a folder: the creates, renames and removals in it are
     /// durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Whether the engine may append to the active segment by copying into
+    /// a shared writable map of the file instead of calling
+    /// [`write_at`](Self::write_at) (DESIGN.md 2.4). The bytes land in the
+    /// same page cache either way, but a copy is no call that a layer could
+    /// fail or record, so only the real file system says yes. Default:
+    /// `false`.
+    fn writes_through_maps(&self) -> bool {
+        false
+    }
 }
 
 /// The production [`FileSystem`]: each call is the `std::fs` call.
@@ -78,6 +96,29 @@ impl FileSystem for StdFileSystem {
         file.set_len(len)
     }
 
+    fn allocate(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
+        let len = to.saturating_sub(from);
+        if len == 0 {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), from, len) {
+            Ok(()) => Ok(()),
+            // A file system without `fallocate` gets real zeros, which
+            // allocate the blocks just as well.
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = from;
+                while at < to {
+                    let n = (to - at).min(zeros.len() as u64) as usize;
+                    file.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
     }
@@ -100,6 +141,10 @@ impl FileSystem for StdFileSystem {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         File::open(path)?.sync_all()
+    }
+
+    fn writes_through_maps(&self) -> bool {
+        true
     }
 }
 

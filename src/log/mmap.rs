@@ -1,11 +1,12 @@
-//! Read-only memory maps of segments: the crate's only `unsafe` code.
+//! Memory maps of segments: the crate's only `unsafe` code.
 //!
 //! A sealed segment is never written again; it is only read and, later,
-//! deleted, so it is mapped whole. The active segment is mapped read-only
-//! too, but only the bytes below its *published* offset are ever read: the
-//! writer appends strictly beyond that offset and never truncates below it,
-//! so those bytes are immutable while they are read. Must not create
-//! writable maps.
+//! deleted, so it is mapped whole and read-only. The active segment is
+//! mapped shared and writable: readers read only the bytes below its
+//! *published* offset, and the one writer copies records strictly beyond
+//! that offset (DESIGN.md 2.4) and never truncates below it, so the bytes a
+//! reader sees are immutable while it reads them. No other map is
+//! writable.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -134,8 +135,8 @@ fn map_read_only(file: &File, len: u64, populate: bool) -> std::io::Result<Mmap>
     unsafe { options.map(file) }
 }
 
-/// A read-only map of the active segment, readable below its published
-/// offset.
+/// A shared writable map of the active segment: readable below its
+/// published offset, written beyond it.
 #[derive(Debug)]
 pub(crate) struct ActiveMap {
     raw: MmapRaw,
@@ -154,12 +155,51 @@ impl ActiveMap {
         let raw = MmapOptions::new()
             .len(usize::try_from(len).map_err(std::io::Error::other)?)
             .populate()
-            .map_raw_read_only(file)?;
+            .map_raw(file)?;
         Ok(ActiveMap {
             raw,
             len,
             published: AtomicU64::new(published.min(len)),
         })
+    }
+
+    /// Copies `bytes` into the map at `offset`: into the page cache, as a
+    /// `pwrite` would. The range must lie at or beyond the published offset
+    /// (an error otherwise, nothing written), inside the map, and inside
+    /// the file: the caller (the one writer) has extended the file to cover
+    /// it, since a copy past the file's end is a `SIGBUS`.
+    pub(crate) fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let end = offset
+            .checked_add(bytes.len() as u64)
+            .filter(|&end| end <= self.len);
+        if end.is_none() || offset < self.published.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(format!(
+                "{} bytes at offset {offset} lie outside the writable part of a \
+                 {}-byte map published up to {}",
+                bytes.len(),
+                self.len,
+                self.published.load(Ordering::Acquire)
+            )));
+        }
+        self.copy_in(offset as usize, bytes);
+        Ok(())
+    }
+
+    #[expect(unsafe_code, reason = "writing a live map needs a raw pointer")]
+    fn copy_in(&self, offset: usize, bytes: &[u8]) {
+        // SAFETY: `write` checked that the range lies inside the mapping and
+        // at or beyond the published offset. No reader reads there (`bytes`
+        // hands out published ranges only) and the writer lock makes the
+        // caller the only writer, so nothing aliases the destination while
+        // it is written; `bytes` comes from the heap, not from this map.
+        // The map is shared, so the copy lands in the file's page cache.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.raw.as_mut_ptr().add(offset),
+                bytes.len(),
+            );
+        }
     }
 
     /// Declares the bytes below `offset` written; they must never be
@@ -190,12 +230,44 @@ impl ActiveMap {
         // SAFETY: `bytes` checked that `offset + len` is at most the
         // published offset, which is at most the mapped length, so the range
         // lies inside the mapping. The Acquire load pairs with the writer's
-        // Release in `publish`, which follows the `pwrite` of those bytes;
-        // Linux shares one page cache between `pwrite` and shared maps, so
-        // the bytes are visible. The writer only writes beyond the published
+        // Release in `publish`, which follows the copy into this map or the
+        // `pwrite` of those bytes; Linux shares one page cache between
+        // `pwrite` and shared maps, so the bytes are visible. The writer only writes beyond the published
         // offset and only truncates the file to at least it (at seal), so no
         // byte of the returned slice changes or disappears while `self`
         // lives, and the slice borrows `self`.
         unsafe { std::slice::from_raw_parts(self.raw.as_ptr().add(offset), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_lands_in_the_file_and_is_refused_below_the_published_offset_or_past_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(4096).unwrap();
+        let map = ActiveMap::new(&file, 8192, 100).unwrap();
+
+        map.write(100, b"record").unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[100..106], b"record");
+        assert!(map.bytes(100, 6).is_none(), "not yet published");
+        map.publish(106);
+        assert_eq!(map.bytes(100, 6), Some(&b"record"[..]));
+
+        let published = map.write(99, b"xx").unwrap_err();
+        assert!(published.to_string().contains("outside"), "{published}");
+        assert!(map.write(8190, b"xyz").is_err(), "past the map");
+        assert!(map.write(u64::MAX, b"x").is_err(), "overflow");
+        assert_eq!(&std::fs::read(&path).unwrap()[96..106], b"\0\0\0\0record");
     }
 }

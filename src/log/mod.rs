@@ -21,7 +21,7 @@ pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
 pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
 pub(crate) use mmap::{ActiveMap, SealedSegment};
 pub use writer::SPARE_FILE;
-pub(crate) use writer::{ActiveSegment, GroupCommit, Spare};
+pub(crate) use writer::{ActiveSegment, GroupCommit, SegmentPlan, Spare};
 
 /// Name of the threads that write hint files in the background.
 pub(crate) const HINT_THREAD: &str = "dkv-cask-hint";

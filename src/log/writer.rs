@@ -1,5 +1,6 @@
-//! The active segment (appends through positional writes, optionally into a
-//! zero-filled preallocated file) and group commit (concurrent writers that
+//! The active segment (appends copied into a shared map of the file or
+//! written with `pwrite`, into a zero-filled preallocated file or one
+//! extended with zeros ahead of the records) and group commit (concurrent writers that
 //! need durability share one `fdatasync`). Must not touch the index.
 
 use std::fs::{File, OpenOptions};
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::fsutil::SyncFailedMarker;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -22,6 +23,27 @@ use crate::format::{SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind};
 /// Size of the zero buffer used to preallocate segments.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// How far ahead of the records an unpreallocated segment that is appended
+/// to through its map is extended (`FileSystem::allocate`): one
+/// `fallocate` per this many bytes of records.
+const EXTEND_STEP: u64 = 1 << 20;
+
+/// Appends shorter than this are copied into the active segment's map;
+/// longer ones are written with `pwrite`, which costs less than the page
+/// faults of a copy that fills whole pages.
+const MAP_COPY_LIMIT: usize = 2048;
+
+/// How the active segment's file is laid out and written to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegmentPlan {
+    /// The segment size at which it is sealed.
+    pub(crate) capacity: u64,
+    /// Zero-fill the file up to `capacity` when creating or taking it over.
+    pub(crate) preallocate: bool,
+    /// Append by copying into the shared map (`Options::map_appends`).
+    pub(crate) map_appends: bool,
+}
+
 /// Name of the zero-filled file prepared in the background for the next
 /// segment. Recovery ignores it (it is not a `.seg` file).
 pub const SPARE_FILE: &str = "spare.seg.tmp";
@@ -34,14 +56,14 @@ pub(crate) struct Spare {
     job: Option<std::thread::JoinHandle<std::io::Result<File>>>,
     /// Asks the zero fill to stop (close does not wait for a spare it will
     /// never use).
-    cancel: Arc<std::sync::atomic::AtomicBool>,
+    cancel: Arc<AtomicBool>,
 }
 
 impl Spare {
     /// Starts preparing a spare of `capacity` bytes in `dir`.
     pub(crate) fn start(dir: &Path, capacity: u64, fs: Arc<dyn FileSystem>) -> Spare {
         let path = dir.join(SPARE_FILE);
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancel = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&cancel);
         let job = std::thread::Builder::new()
             .name(super::SPARE_THREAD.into())
@@ -95,10 +117,17 @@ pub(crate) struct ActiveSegment {
     pub(crate) offset: u64,
     /// The segment size at which it is sealed.
     pub(crate) capacity: u64,
-    /// A read-only map of the file for readers (records beyond its
-    /// capacity, from a batch larger than a segment, are read with
-    /// `pread`).
+    /// A shared map of the file, `capacity` bytes long: readers read the
+    /// published bytes through it, and with `map_appends` the writer copies
+    /// records into it (records beyond the capacity, from a batch larger
+    /// than a segment, are written with `pwrite` and read with `pread`).
     pub(crate) map: Option<Arc<ActiveMap>>,
+    /// Append through `map` rather than with `pwrite`.
+    map_appends: bool,
+    /// The file's length as this writer made it: with `map_appends`, bytes
+    /// are copied into the map only below it (a copy past the end of the
+    /// file would be a `SIGBUS`).
+    backed: u64,
     /// CRC-32 of the file's bytes so far (header and records), kept while
     /// appending so that sealing knows the sealed file's checksum without
     /// reading it back; `None` for a segment taken over at open.
@@ -112,8 +141,7 @@ impl ActiveSegment {
         dir: &Path,
         id: SegmentId,
         base_position: u64,
-        capacity: u64,
-        preallocate: bool,
+        plan: SegmentPlan,
         fs: &dyn FileSystem,
     ) -> Result<Self> {
         let path = id.path_in(dir);
@@ -127,24 +155,25 @@ impl ActiveSegment {
             .context(|| format!("create segment {}", path.display()))?;
         fs.write_at(&file, &header.encode(), 0)
             .context(|| format!("write header of segment {}", path.display()))?;
-        let seg = ActiveSegment {
+        let mut seg = ActiveSegment {
             id,
             file: Arc::new(file),
             path,
             base_position,
             offset: SEGMENT_HEADER_LEN as u64,
-            capacity,
+            capacity: plan.capacity,
             map: None,
+            map_appends: plan.map_appends,
+            backed: SEGMENT_HEADER_LEN as u64,
             crc: Some(hasher_with(&header.encode())),
         };
-        if preallocate {
+        if plan.preallocate {
             seg.zero_fill(fs)?;
         }
         fs.sync_all(&seg.file)
             .context(|| format!("sync new segment {}", seg.path.display()))?;
         sync_dir(dir, fs)?;
-        let mut seg = seg;
-        seg.map_for_readers()?;
+        seg.map_file()?;
         Ok(seg)
     }
 
@@ -155,12 +184,16 @@ impl ActiveSegment {
         dir: &Path,
         id: SegmentId,
         base_position: u64,
-        capacity: u64,
+        plan: SegmentPlan,
         spare: &mut Spare,
         fs: &dyn FileSystem,
     ) -> Result<Self> {
         let Some(file) = spare.take() else {
-            return Self::create(dir, id, base_position, capacity, true, fs);
+            let plan = SegmentPlan {
+                preallocate: true,
+                ..plan
+            };
+            return Self::create(dir, id, base_position, plan, fs);
         };
         let path = id.path_in(dir);
         let header = SegmentHeader {
@@ -183,11 +216,13 @@ impl ActiveSegment {
             path,
             base_position,
             offset: SEGMENT_HEADER_LEN as u64,
-            capacity: capacity.min(len).max(SEGMENT_HEADER_LEN as u64),
+            capacity: plan.capacity.min(len).max(SEGMENT_HEADER_LEN as u64),
             map: None,
+            map_appends: plan.map_appends,
+            backed: len,
             crc: Some(hasher_with(&header.encode())),
         };
-        seg.map_for_readers()?;
+        seg.map_file()?;
         Ok(seg)
     }
 
@@ -198,8 +233,7 @@ impl ActiveSegment {
         id: SegmentId,
         base_position: u64,
         offset: u64,
-        capacity: u64,
-        preallocate: bool,
+        plan: SegmentPlan,
         fs: &dyn FileSystem,
     ) -> Result<Self> {
         let file = OpenOptions::new()
@@ -207,22 +241,23 @@ impl ActiveSegment {
             .write(true)
             .open(path)
             .context(|| format!("open segment {}", path.display()))?;
-        let seg = ActiveSegment {
+        let len = file
+            .metadata()
+            .context(|| format!("stat segment {}", path.display()))?
+            .len();
+        let mut seg = ActiveSegment {
             id,
             file: Arc::new(file),
             path: path.to_path_buf(),
             base_position,
             offset,
-            capacity: capacity.max(offset),
+            capacity: plan.capacity.max(offset),
             map: None,
+            map_appends: plan.map_appends,
+            backed: len,
             crc: None,
         };
-        let len = seg
-            .file
-            .metadata()
-            .context(|| format!("stat segment {}", path.display()))?
-            .len();
-        if preallocate && len < seg.capacity {
+        if plan.preallocate && len < seg.capacity {
             seg.zero_fill(fs)?;
         }
         // What recovery found may still sit only in the page cache (the last
@@ -230,15 +265,14 @@ impl ActiveSegment {
         // the store reports it as such and stamps it as synced in new records.
         fs.sync_all(&seg.file)
             .context(|| format!("sync segment {}", path.display()))?;
-        let mut seg = seg;
-        seg.map_for_readers()?;
+        seg.map_file()?;
         Ok(seg)
     }
 
-    /// Maps the file read-only for readers, `capacity` bytes long whether
-    /// or not the file is that long yet (readers read only below the
-    /// published offset, which the file always reaches).
-    fn map_for_readers(&mut self) -> Result<()> {
+    /// Maps the file, `capacity` bytes long whether or not the file is that
+    /// long yet: readers read only below the published offset, and the
+    /// writer copies only below `backed`, both of which the file reaches.
+    fn map_file(&mut self) -> Result<()> {
         let map = ActiveMap::new(&self.file, self.capacity, self.offset)
             .context(|| format!("map segment {}", self.path.display()))?;
         self.map = Some(Arc::new(map));
@@ -247,7 +281,7 @@ impl ActiveSegment {
 
     /// Writes zeros from the current length up to the capacity, so later
     /// appends overwrite allocated blocks and do not grow the file.
-    fn zero_fill(&self, fs: &dyn FileSystem) -> Result<()> {
+    fn zero_fill(&mut self, fs: &dyn FileSystem) -> Result<()> {
         let len = self
             .file
             .metadata()
@@ -258,9 +292,11 @@ impl ActiveSegment {
             &self.file,
             len.max(self.offset),
             self.capacity,
-            &std::sync::atomic::AtomicBool::new(false),
+            &AtomicBool::new(false),
         )
-        .context(|| format!("preallocate segment {}", self.path.display()))
+        .context(|| format!("preallocate segment {}", self.path.display()))?;
+        self.backed = self.backed.max(self.capacity);
+        Ok(())
     }
 
     /// Logical position at which the next record starts.
@@ -278,11 +314,30 @@ impl ActiveSegment {
         self.offset == SEGMENT_HEADER_LEN as u64
     }
 
-    /// Writes a record at the current offset and advances past it.
+    /// Writes records at the current offset and advances past them.
     pub(crate) fn append(&mut self, bytes: &[u8], fs: &dyn FileSystem) -> Result<()> {
-        fs.write_at(&self.file, bytes, self.offset)
-            .context(|| format!("append to segment {}", self.id))?;
-        self.offset += bytes.len() as u64;
+        let end = self.offset + bytes.len() as u64;
+        match &self.map {
+            Some(map) if self.map_appends && end <= self.capacity => {
+                if end > self.backed {
+                    // Allocated zeros ahead of the records: a full disk
+                    // fails here, with an error, rather than in a copy.
+                    let to = end.next_multiple_of(EXTEND_STEP).min(self.capacity);
+                    fs.allocate(&self.file, self.backed, to)
+                        .context(|| format!("extend segment {}", self.id))?;
+                    self.backed = to;
+                }
+                if fs.writes_through_maps() && bytes.len() < MAP_COPY_LIMIT {
+                    map.write(self.offset, bytes)
+                } else {
+                    fs.write_at(&self.file, bytes, self.offset)
+                }
+            }
+            _ => fs.write_at(&self.file, bytes, self.offset),
+        }
+        .context(|| format!("append to segment {}", self.id))?;
+        self.offset = end;
+        self.backed = self.backed.max(end);
         if let Some(map) = &self.map {
             map.publish(self.offset);
         }
@@ -309,7 +364,7 @@ fn write_zeros(
     file: &File,
     from: u64,
     to: u64,
-    cancel: &std::sync::atomic::AtomicBool,
+    cancel: &AtomicBool,
 ) -> std::io::Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK];
     let mut at = from;
