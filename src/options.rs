@@ -202,9 +202,11 @@ pub struct Options {
     /// zeros up to `segment_size` when created, so that later appends and
     /// `fdatasync` do not change the file's size (about twice as fast per
     /// sync on ext4). Default: `true`. Under `Never` and `Interval` segments
-    /// are never preallocated: appending to a growing file takes ext4's
+    /// are never zero-filled: appending to a growing file takes ext4's
     /// delayed-allocation path, which made single puts 1.8x faster here,
-    /// and there a sync is rare. See [`Options::preallocates`].
+    /// and there a sync is rare (with [`map_appends`](Self::map_appends)
+    /// they are allocated 1 MiB ahead instead). See
+    /// [`Options::preallocates`].
     pub preallocate: bool,
     /// Under [`SyncMode::Never`] and [`SyncMode::Interval`], append to the
     /// active segment by copying records into a shared writable map of it
@@ -217,8 +219,12 @@ pub struct Options {
     /// makes it durable. Under [`SyncMode::Always`] appends always use
     /// `pwrite`: every sync would write-protect the copied pages again,
     /// which made durable puts slower. Turn it off on copy-on-write file
-    /// systems (btrfs, ZFS), where a write into a full disk through a map
-    /// is a `SIGBUS` instead of an error. Default: `true`.
+    /// systems (btrfs, ZFS, reflinked XFS files), where a write into a full
+    /// disk through a map is a `SIGBUS` instead of an error, and where a
+    /// failing disk must give typed errors: any failed write fault (an I/O
+    /// error paging the tail back in, a file system shut down) is a
+    /// `SIGBUS` too. Nothing acknowledged is lost either way. Default:
+    /// `true`.
     pub map_appends: bool,
     /// Save the whole index as the `KEYDIR` file at a clean close, so that
     /// the next open loads it instead of reading every hint (DESIGN.md

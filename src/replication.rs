@@ -361,6 +361,13 @@ impl Store {
                 offset = SEGMENT_HEADER_LEN as u64;
             }
             loop {
+                // No durable record starts at or past the durable position,
+                // and the bytes there may be a group being copied in right
+                // now (at a rollover, the first record of the new segment):
+                // reading them could find a header half written.
+                if position >= durable {
+                    break 'segments;
+                }
                 let path = || id.path_in(&self.inner.dir);
                 let header = match reader.read(offset, RECORD_HEADER_LEN, &mut buf)? {
                     Some(h) if h.iter().any(|&b| b != 0) => decode_header(h)

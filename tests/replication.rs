@@ -806,3 +806,35 @@ fn served_change_records_encode_with_dkv_field_numbers() {
     assert_eq!(c.encode_to_vec(), expected);
     assert_eq!(ChangeRecord::decode(&expected[..]).unwrap(), c);
 }
+
+/// The feed stops at the durable position without reading past it: the
+/// bytes after it may be a group being copied in at this very moment (at
+/// every rollover the old segment's end becomes durable while the new
+/// segment's first record is copied), and a half-copied record header used
+/// to be reported as corruption. Here the record after the durable position
+/// is garbage, as a half-done copy would leave it.
+#[test]
+fn the_feed_never_reads_past_the_durable_position() {
+    let dir = scratch_dir();
+    let store = Store::open(
+        dir.path(),
+        Options {
+            sync_mode: SyncMode::Never,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    store.put(&[pair("durable", "value")]).unwrap();
+    store.sync().unwrap();
+    let durable = store.latest_committed_change_number().unwrap();
+    store.put(&[pair("written", "value")]).unwrap();
+    assert_eq!(store.latest_committed_change_number().unwrap(), durable);
+    // The unsynced record's header, torn.
+    let segment = segment_files(dir.path()).pop().unwrap();
+    let offset = SEGMENT_HEADER_BYTES + durable - segment_base(&segment);
+    overwrite(&segment, offset, &[0xA5; 16]);
+
+    let changes = store.load_changes(1, 100).expect("the feed ends cleanly");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].change_number, durable);
+}

@@ -31,14 +31,21 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn sync_all(&self, file: &File) -> io::Result<()>;
     /// Cuts or extends the file to `len` bytes.
     fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
-    /// Extends the file from `from` bytes (its length) to `to` bytes of
-    /// zeros with the new blocks allocated (`fallocate`), so that writes
+    /// Makes the bytes `[from, to)` of the file allocated blocks, extending
+    /// the file with zeros to `to` if it is shorter (`fallocate`; never
+    /// shortens it, never changes bytes already written), so that writes
     /// below `to` need no more space: a full disk fails this call rather
-    /// than a later copy into a map. Default: [`set_len`](Self::set_len),
-    /// which a layer that records or fails calls sees as an extension.
+    /// than a later copy into a map. Default: [`set_len`](Self::set_len)
+    /// when the file is shorter than `to`, which a layer that records or
+    /// fails calls sees as an extension (it allocates nothing, so such a
+    /// layer must not say yes to `writes_through_maps`).
     fn allocate(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
         let _ = from;
-        self.set_len(file, to)
+        if file.metadata()?.len() < to {
+            self.set_len(file, to)
+        } else {
+            Ok(())
+        }
     }
     /// Renames a file or folder, replacing a file at `to`.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
@@ -57,8 +64,9 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// a shared writable map of the file instead of calling
     /// [`write_at`](Self::write_at) (DESIGN.md 2.4). The bytes land in the
     /// same page cache either way, but a copy is no call that a layer could
-    /// fail or record, so only the real file system says yes. Default:
-    /// `false`.
+    /// fail or record, so only the real file system says yes. Saying yes
+    /// requires [`allocate`](Self::allocate) to really allocate blocks: a
+    /// copy into a hole on a full disk is a `SIGBUS`. Default: `false`.
     fn writes_through_maps(&self) -> bool {
         false
     }

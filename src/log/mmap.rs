@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
@@ -143,6 +143,8 @@ pub(crate) struct ActiveMap {
     len: u64,
     /// Bytes below this offset are written and never change again.
     published: AtomicU64,
+    /// Set when the store closed: nothing is written any more.
+    withdrawn: AtomicBool,
 }
 
 impl ActiveMap {
@@ -160,25 +162,36 @@ impl ActiveMap {
             raw,
             len,
             published: AtomicU64::new(published.min(len)),
+            withdrawn: AtomicBool::new(false),
         })
     }
 
     /// Copies `bytes` into the map at `offset`: into the page cache, as a
-    /// `pwrite` would. The range must lie at or beyond the published offset
-    /// (an error otherwise, nothing written), inside the map, and inside
-    /// the file: the caller (the one writer) has extended the file to cover
-    /// it, since a copy past the file's end is a `SIGBUS`.
-    pub(crate) fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+    /// `pwrite` would. Called by the one writer (under the writer lock),
+    /// with `backed` the length up to which it made the file hold allocated
+    /// blocks, since a copy past the file's end is a `SIGBUS`. The range
+    /// must lie at or beyond the published offset, inside the map and below
+    /// `backed`, and the map must not be withdrawn; otherwise nothing is
+    /// written and the error says why.
+    pub(crate) fn write(&self, offset: u64, bytes: &[u8], backed: u64) -> std::io::Result<()> {
         let end = offset
             .checked_add(bytes.len() as u64)
-            .filter(|&end| end <= self.len);
-        if end.is_none() || offset < self.published.load(Ordering::Acquire) {
+            .filter(|&end| end <= self.len.min(backed));
+        if end.is_none()
+            || offset < self.published.load(Ordering::Acquire)
+            || self.withdrawn.load(Ordering::Acquire)
+        {
             return Err(std::io::Error::other(format!(
                 "{} bytes at offset {offset} lie outside the writable part of a \
-                 {}-byte map published up to {}",
+                 {}-byte map (backed up to {backed}, published up to {}{})",
                 bytes.len(),
                 self.len,
-                self.published.load(Ordering::Acquire)
+                self.published.load(Ordering::Acquire),
+                if self.withdrawn.load(Ordering::Acquire) {
+                    ", withdrawn"
+                } else {
+                    ""
+                }
             )));
         }
         self.copy_in(offset as usize, bytes);
@@ -187,12 +200,14 @@ impl ActiveMap {
 
     #[expect(unsafe_code, reason = "writing a live map needs a raw pointer")]
     fn copy_in(&self, offset: usize, bytes: &[u8]) {
-        // SAFETY: `write` checked that the range lies inside the mapping and
-        // at or beyond the published offset. No reader reads there (`bytes`
-        // hands out published ranges only) and the writer lock makes the
-        // caller the only writer, so nothing aliases the destination while
-        // it is written; `bytes` comes from the heap, not from this map.
-        // The map is shared, so the copy lands in the file's page cache.
+        // SAFETY: `write` checked that the range lies inside the mapping, at
+        // or beyond the published offset, and that the map is not withdrawn
+        // (after a close `published` drops to 0 while readers may still hold
+        // slices). No reader reads there (`bytes` hands out published
+        // ranges only) and the writer lock makes the caller the only writer,
+        // so nothing aliases the destination while it is written; `bytes`
+        // comes from the heap, not from this map. The map is shared, so the
+        // copy lands in the file's page cache.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -213,6 +228,7 @@ impl ActiveMap {
     /// store closed: the file may be cut by the next open). Slices already
     /// handed out stay valid only as long as the file is not cut.
     pub(crate) fn withdraw(&self) {
+        self.withdrawn.store(true, Ordering::Release);
         self.published.store(0, Ordering::Release);
     }
 
@@ -245,7 +261,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_copy_lands_in_the_file_and_is_refused_below_the_published_offset_or_past_the_map() {
+    fn a_copy_lands_in_the_file_and_is_refused_below_the_published_offset_past_the_file_or_after_close()
+     {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("active");
         let file = std::fs::OpenOptions::new()
@@ -258,16 +275,19 @@ mod tests {
         file.set_len(4096).unwrap();
         let map = ActiveMap::new(&file, 8192, 100).unwrap();
 
-        map.write(100, b"record").unwrap();
+        map.write(100, b"record", 4096).unwrap();
         assert_eq!(&std::fs::read(&path).unwrap()[100..106], b"record");
         assert!(map.bytes(100, 6).is_none(), "not yet published");
         map.publish(106);
         assert_eq!(map.bytes(100, 6), Some(&b"record"[..]));
 
-        let published = map.write(99, b"xx").unwrap_err();
+        let published = map.write(99, b"xx", 4096).unwrap_err();
         assert!(published.to_string().contains("outside"), "{published}");
-        assert!(map.write(8190, b"xyz").is_err(), "past the map");
-        assert!(map.write(u64::MAX, b"x").is_err(), "overflow");
+        assert!(map.write(4095, b"xy", 4096).is_err(), "past the file");
+        assert!(map.write(8190, b"xyz", 1 << 20).is_err(), "past the map");
+        assert!(map.write(u64::MAX, b"x", u64::MAX).is_err(), "overflow");
+        map.withdraw();
+        assert!(map.write(200, b"x", 4096).is_err(), "after close");
         assert_eq!(&std::fs::read(&path).unwrap()[96..106], b"\0\0\0\0record");
     }
 }

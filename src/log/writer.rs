@@ -254,7 +254,12 @@ impl ActiveSegment {
             capacity: plan.capacity.max(offset),
             map: None,
             map_appends: plan.map_appends,
-            backed: len,
+            // Not `len`: the zeros after the records may be a hole (a copy
+            // of the store made by a sparse-aware tool), which a copy into
+            // the map on a full disk would turn into a `SIGBUS`. The first
+            // append allocates from the records' end (a no-op where the
+            // blocks exist).
+            backed: offset,
             crc: None,
         };
         if plan.preallocate && len < seg.capacity {
@@ -328,7 +333,7 @@ impl ActiveSegment {
                     self.backed = to;
                 }
                 if fs.writes_through_maps() && bytes.len() < MAP_COPY_LIMIT {
-                    map.write(self.offset, bytes)
+                    map.write(self.offset, bytes, self.backed)
                 } else {
                     fs.write_at(&self.file, bytes, self.offset)
                 }
@@ -350,9 +355,11 @@ impl ActiveSegment {
     /// Makes the segment immutable: syncs its data and cuts the file to the
     /// records' end (dropping preallocated zeros). Returns the sealed file's
     /// CRC-32 when it was tracked.
-    pub(crate) fn seal(&self, fs: &dyn FileSystem) -> Result<Option<u32>> {
+    pub(crate) fn seal(&mut self, fs: &dyn FileSystem) -> Result<Option<u32>> {
         fs.sync_data(&self.file)
             .context(|| format!("sync segment {}", self.id))?;
+        // Whatever happens next, nothing beyond the records is backed.
+        self.backed = self.offset;
         truncate_synced(&self.file, &self.path, self.offset, fs)?;
         Ok(self.crc.clone().map(crc32fast::Hasher::finalize))
     }
