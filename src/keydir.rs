@@ -673,6 +673,21 @@ mod tests {
         *s
     }
 
+    /// Every key of `model` is found with its entry, and a whole scan
+    /// yields exactly `model`, in order.
+    fn assert_same(kd: &KeyDir, model: Model<Vec<u8>, KeyEntry>) {
+        assert_eq!(kd.len(), model.len());
+        for (k, v) in &model {
+            assert_eq!(kd.get(k), Some(*v));
+        }
+        let mut all = Vec::new();
+        kd.scan_from(b"", false, |k, e| {
+            all.push((k.to_vec(), e));
+            true
+        });
+        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+    }
+
     #[test]
     fn agrees_with_a_btreemap_under_random_inserts_and_removes() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -690,16 +705,7 @@ mod tests {
                 assert_eq!(kd.insert(&key, entry(step)), model.insert(key, entry(step)));
             }
         }
-        assert_eq!(kd.len(), model.len());
-        for (k, v) in &model {
-            assert_eq!(kd.get(k), Some(*v));
-        }
-        let mut all = Vec::new();
-        kd.scan_from(b"", false, |k, e| {
-            all.push((k.to_vec(), e));
-            true
-        });
-        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        assert_same(&kd, model);
     }
 
     /// Leaves whose keys all have one length find entries by arithmetic;
@@ -729,15 +735,7 @@ mod tests {
             let probe = format!("{:016}", xorshift(&mut seed) % 30_000).into_bytes();
             assert_eq!(kd.get(&probe), model.get(&probe).copied(), "step {step}");
         }
-        for (k, v) in &model {
-            assert_eq!(kd.get(k), Some(*v));
-        }
-        let mut all = Vec::new();
-        kd.scan_from(b"", false, |k, e| {
-            all.push((k.to_vec(), e));
-            true
-        });
-        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        assert_same(&kd, model);
     }
 
     #[test]
