@@ -41,7 +41,7 @@ pub fn durability_table() -> Vec<(&'static str, &'static str, &'static str, &'st
     let mut rows = vec![
         (
             "dkv-cask",
-            "`SyncMode::Never` (one `pwrite` per put into the page cache, no fsync)",
+            "`SyncMode::Never` (each put copied into the page cache through a shared map of the active segment, no system call per put, no fsync; 4 KiB values with one `pwrite` each)",
             "`SyncMode::Always` (the put returns after `fdatasync`; concurrent writers share one)",
             "`Store::merge()`; opened with `Retention` zero (no followers), automatic merge on (default)",
         ),
