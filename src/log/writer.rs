@@ -1,7 +1,8 @@
 //! The active segment (appends copied into a shared map of the file or
 //! written with `pwrite`, into a zero-filled preallocated file or one
-//! extended with zeros ahead of the records) and group commit (concurrent writers that
-//! need durability share one `fdatasync`). Must not touch the index.
+//! allocated a step ahead of the records) and group commit (concurrent
+//! writers that need durability share one `fdatasync`). Must not touch the
+//! index.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -124,9 +125,10 @@ pub(crate) struct ActiveSegment {
     pub(crate) map: Option<Arc<ActiveMap>>,
     /// Append through `map` rather than with `pwrite`.
     map_appends: bool,
-    /// The file's length as this writer made it: with `map_appends`, bytes
-    /// are copied into the map only below it (a copy past the end of the
-    /// file would be a `SIGBUS`).
+    /// The length up to which this writer made the file hold allocated
+    /// blocks (zero-filled, `fallocate`d or written): with `map_appends`,
+    /// bytes are copied into the map only below it (a copy past the end of
+    /// the file, or into a hole on a full disk, would be a `SIGBUS`).
     backed: u64,
     /// CRC-32 of the file's bytes so far (header and records), kept while
     /// appending so that sealing knows the sealed file's checksum without
