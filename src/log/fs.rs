@@ -14,6 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The mutating file-system calls of the engine. Implementations must do
 /// what the `std::fs` call of the same name does (a test layer may also
@@ -114,14 +115,7 @@ impl FileSystem for StdFileSystem {
             // A file system without `fallocate` gets real zeros, which
             // allocate the blocks just as well.
             Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut at = from;
-                while at < to {
-                    let n = (to - at).min(zeros.len() as u64) as usize;
-                    file.write_all_at(&zeros[..n], at)?;
-                    at += n as u64;
-                }
-                Ok(())
+                write_zeros(self, file, from, to, &AtomicBool::new(false))
             }
             Err(e) => Err(e.into()),
         }
@@ -154,6 +148,31 @@ impl FileSystem for StdFileSystem {
     fn writes_through_maps(&self) -> bool {
         true
     }
+}
+
+/// Size of the zero buffer [`write_zeros`] writes from.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Writes zeros into `file` from offset `from` up to `to`, a chunk at a
+/// time, until done or `cancel` is set.
+pub(crate) fn write_zeros(
+    fs: &dyn FileSystem,
+    file: &File,
+    from: u64,
+    to: u64,
+    cancel: &AtomicBool,
+) -> io::Result<()> {
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let mut at = from;
+    while at < to {
+        if cancel.load(Ordering::Acquire) {
+            return Err(io::Error::other("spare preparation cancelled"));
+        }
+        let n = (to - at).min(ZERO_CHUNK as u64) as usize;
+        fs.write_at(file, &zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Writes `contents` as the whole new content of `path` (not synced).

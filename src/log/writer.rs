@@ -15,14 +15,11 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::SegmentId;
-use super::fs::FileSystem;
+use super::fs::{FileSystem, write_zeros};
 use super::fsutil::{sync_dir, truncate_synced};
 use super::mmap::ActiveMap;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind};
-
-/// Size of the zero buffer used to preallocate segments.
-const ZERO_CHUNK: usize = 1 << 20;
 
 /// How far ahead of the records an unpreallocated segment that is appended
 /// to through its map is extended (`FileSystem::allocate`): one
@@ -365,27 +362,6 @@ impl ActiveSegment {
         truncate_synced(&self.file, &self.path, self.offset, fs)?;
         Ok(self.crc.clone().map(crc32fast::Hasher::finalize))
     }
-}
-
-/// Writes zeros into `file` from offset `from` up to `to`, a chunk at a time.
-fn write_zeros(
-    fs: &dyn FileSystem,
-    file: &File,
-    from: u64,
-    to: u64,
-    cancel: &AtomicBool,
-) -> std::io::Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK];
-    let mut at = from;
-    while at < to {
-        if cancel.load(Ordering::Acquire) {
-            return Err(std::io::Error::other("spare preparation cancelled"));
-        }
-        let n = (to - at).min(ZERO_CHUNK as u64) as usize;
-        fs.write_at(file, &zeros[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
 }
 
 fn hasher_with(bytes: &[u8]) -> crc32fast::Hasher {
