@@ -172,9 +172,10 @@ pub(crate) fn check(
     Ok(true)
 }
 
-/// Removes the hint files in `dir` whose segment no longer exists, and
-/// temp files left by an interrupted hint write.
-pub(crate) fn remove_orphans(dir: &Path, fs: &dyn FileSystem) -> Result<()> {
+/// Removes the hint files in `dir` whose segment no longer exists or is
+/// one of the `merged` segments (which older builds hinted; they are read
+/// whole now), and temp files left by an interrupted hint write.
+pub(crate) fn remove_orphans(dir: &Path, fs: &dyn FileSystem, merged: &[SegmentId]) -> Result<()> {
     for entry in fs::read_dir(dir).context(|| format!("list {}", dir.display()))? {
         let entry = entry.context(|| format!("list {}", dir.display()))?;
         let name = entry.file_name();
@@ -183,9 +184,10 @@ pub(crate) fn remove_orphans(dir: &Path, fs: &dyn FileSystem) -> Result<()> {
             stem.len() == 10
         } else if let Some(stem) = name.strip_suffix(".hint") {
             stem.len() == 10
-                && !dir
-                    .join(format!("{stem}.{}", crate::log::SEGMENT_EXTENSION))
-                    .exists()
+                && (merged.iter().any(|id| id.hint_path_in(dir) == entry.path())
+                    || !dir
+                        .join(format!("{stem}.{}", crate::log::SEGMENT_EXTENSION))
+                        .exists())
         } else {
             false
         };

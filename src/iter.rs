@@ -16,6 +16,11 @@ const CHUNK: usize = 32;
 const MAX_VISITED: usize = 16 * CHUNK;
 /// Value bytes copied per visit, so large values do not hold the lock long.
 const MAX_CHUNK_BYTES: usize = 1 << 20;
+const LIMITS: ChunkLimits = ChunkLimits {
+    pairs: CHUNK,
+    visited: MAX_VISITED,
+    bytes: MAX_CHUNK_BYTES,
+};
 
 /// Where iteration starts and which keys it yields.
 ///
@@ -106,16 +111,19 @@ impl Iter {
     }
 
     fn refill(&mut self) -> Result<()> {
+        let buffer = &mut self.buffer;
         let (last, finished) = self.inner.scan_chunk(
             &self.cursor,
             self.exclusive,
             self.prefix.as_deref(),
-            ChunkLimits {
-                pairs: CHUNK,
-                visited: MAX_VISITED,
-                bytes: MAX_CHUNK_BYTES,
+            LIMITS,
+            &mut |p| {
+                buffer.push_back(KvPair {
+                    key: p.key.to_vec(),
+                    value: p.value.to_vec(),
+                    expire_ts: p.expire_ts,
+                })
             },
-            &mut self.buffer,
         )?;
         match last {
             Some(k) => {
@@ -144,6 +152,62 @@ impl Iterator for Iter {
                 self.done = true;
                 return Some(Err(e));
             }
+        }
+    }
+}
+
+/// A live pair lent to a [`Store::scan`](crate::Store::scan) visitor,
+/// borrowed from a buffer the scan reuses: valid for the one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairRef<'a> {
+    /// The key.
+    pub key: &'a [u8],
+    /// The value.
+    pub value: &'a [u8],
+    /// Absolute expiry in Unix seconds; 0 = never.
+    pub expire_ts: u64,
+}
+
+/// [`Store::scan`](crate::Store::scan): chunks as [`Iter`] reads them,
+/// each copied into one reused buffer under the index's read lock, then
+/// lent to `visit` with no lock held.
+pub(crate) fn scan(
+    inner: &Inner,
+    options: &IterationOptions,
+    mut visit: impl FnMut(PairRef<'_>) -> bool,
+) -> Result<()> {
+    let prefix = options.prefix();
+    let mut cursor = options.start_key().or(prefix).unwrap_or_default().to_vec();
+    let mut exclusive = false;
+    let mut bytes: Vec<u8> = Vec::new();
+    // Per pair: where its key starts, the key's and the value's lengths,
+    // its expiry.
+    let mut pairs: Vec<(usize, usize, usize, u64)> = Vec::with_capacity(CHUNK);
+    loop {
+        bytes.clear();
+        pairs.clear();
+        let (last, finished) = inner.scan_chunk(&cursor, exclusive, prefix, LIMITS, &mut |p| {
+            pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
+            bytes.extend_from_slice(p.key);
+            bytes.extend_from_slice(p.value);
+        })?;
+        for &(at, key_len, value_len, expire_ts) in &pairs {
+            let (key, rest) = bytes[at..].split_at(key_len);
+            let pair = PairRef {
+                key,
+                value: &rest[..value_len],
+                expire_ts,
+            };
+            if !visit(pair) {
+                return Ok(());
+            }
+        }
+        match last {
+            Some(k) if !finished => {
+                cursor = k;
+                exclusive = true;
+            }
+            _ => return Ok(()),
         }
     }
 }

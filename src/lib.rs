@@ -62,7 +62,7 @@ pub use backup::{
 };
 pub use error::{Error, Result};
 pub use helpers::{create_temp_file, create_temp_folder, rename_folder};
-pub use iter::{Iter, IterationOptions};
+pub use iter::{Iter, IterationOptions, PairRef};
 pub use keydir::{KeyDir, KeyEntry, RecordPointer};
 pub use keydir_file::{KEYDIR_FILE, KEYDIR_TMP_FILE};
 pub use log::{

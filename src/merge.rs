@@ -15,8 +15,10 @@
 //!    ([`MergeStep::Committed`])
 //! 4. Point the index at the copies, a few thousand keys per lock hold;
 //!    swap the run out of the segment table. ([`MergeStep::Applied`])
-//! 5. Write the hint file. The run's files are unlinked when the last
-//!    reader of each lets go of it.
+//! 5. Nothing more: a merged segment gets no hint file, since it is
+//!    written in key order and open reads it about as fast as a hint
+//!    (DESIGN.md 2.7). The run's files are unlinked when the last reader
+//!    of each lets go of it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,8 +32,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    HintBuilder, HintEntry, HintHeader, MergeHeader, MergedBuilder, OP_HEADER_LEN, OpKind,
-    RecordKind, SegmentHeader, SegmentKind, decode_record,
+    HintEntry, MergeHeader, MergedBuilder, OP_HEADER_LEN, OpKind, RecordKind, SegmentHeader,
+    SegmentKind, decode_record,
 };
 use crate::keydir::RecordPointer;
 use crate::log::{FileSystem, SealedSegment, SegmentId, sync_dir};
@@ -440,8 +442,6 @@ fn merge_run(
     if !hook(MergeStep::Applied) {
         return Err(stopped());
     }
-    // A cache: a failure only means the next open scans the segment.
-    let _ = crate::log::best_effort(|| crate::hint::write(fs, &inner.dir, id, &copied.hint));
     Ok(true)
 }
 
@@ -515,7 +515,7 @@ impl Run {
 }
 
 /// Writes the merged segment to `tmp` and syncs it; returns what was
-/// copied (with the hint to write), its read-only map, its length and CRC.
+/// copied, its read-only map, its length and CRC.
 fn write_output<'a>(
     inner: &Inner,
     run: &'a Run,
@@ -577,20 +577,6 @@ fn write_output<'a>(
     // Mapped before the commit, so nothing after the commit can fail.
     let map = SealedSegment::open(tmp)?;
     let crc = out.crc.clone().finalize();
-    let mut hint = HintBuilder::new(&HintHeader {
-        kind: SegmentKind::Merged,
-        segment: id,
-        segment_len: out.len as u64,
-        base_position: run.lo,
-        end_position: run.hi,
-        applied,
-        segment_crc: crc,
-        sample_crc: crate::format::sample_crc(map.bytes()),
-    });
-    for p in &copied.placed {
-        hint.push(&p.entry);
-    }
-    copied.hint = hint.finish(&[]);
     Ok((copied, map, out.len as u64, crc))
 }
 
@@ -693,7 +679,7 @@ fn collect<'a>(inner: &Inner, run: &'a Run) -> Result<(Vec<Placed<'a>>, u64)> {
     }
     // One operation per key (a live put has no newer delete, and only the
     // newest delete of a key stays); should two remain, the newer wins. Key
-    // order makes the output's hint sorted and keeps neighbouring keys'
+    // order lets open read the output without a hint or a sort, and keeps neighbouring keys'
     // values together for range scans.
     kept.sort_by(|a, b| {
         a.entry
@@ -808,7 +794,7 @@ struct Placed<'a> {
     /// Its offset and length in the source.
     from: u32,
     from_len: u32,
-    /// Its hint entry; `offset` is its offset in the output (in its block
+    /// Its index entry; `offset` is its offset in the output (in its block
     /// until the block is written).
     entry: HintEntry<'a>,
     /// What becomes of it.
@@ -837,7 +823,6 @@ struct Copied<'a> {
     puts: u64,
     tombstones: u64,
     tombstone_bytes: u64,
-    hint: Vec<u8>,
 }
 
 impl<'a> Copied<'a> {

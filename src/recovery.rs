@@ -10,6 +10,7 @@
 //! later intact record says was durable is corruption of synced data; damage
 //! beyond it can only be a write that never reached the disk whole.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
     FormatError, Hint, MergeHeader, OP_HEADER_LEN, OpKind, RECORD_HEADER_LEN, RecordKind,
-    SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind, decode_record,
+    SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind, decode_record, decode_verified_record,
 };
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::keydir_file::{self, OnDisk};
@@ -125,6 +126,14 @@ enum Ops {
     Hint(Vec<u8>),
     /// In the intact records at these file offsets.
     Records(Vec<u32>),
+    /// In the intact records at these file offsets, one operation per key
+    /// in strictly ascending key order (a merged segment as merges write
+    /// it): read in place, without a sort.
+    SortedRecords {
+        offsets: Vec<u32>,
+        /// Bytes of its delete operations.
+        deleted: u64,
+    },
     /// In the keydir file, loaded whole: the index is not built.
     Indexed,
 }
@@ -423,7 +432,9 @@ fn recover_with(
         return from_keydir_file(dir, fs, kept, l, ids, report, started);
     }
 
-    // 3. Each segment in log order, from its hint or by scanning it.
+    // 3. Each segment in log order, from its hint or by scanning it; the
+    // merged ones (which have no hint) read first, in parallel.
+    let mut merged_reads = read_all_merged(&kept);
     let mut segments: Vec<ScannedSegment> = Vec::with_capacity(kept.len());
     let mut unhinted = Vec::new();
     let mut merged_end = 0u64;
@@ -438,7 +449,9 @@ fn recover_with(
         if let Some(end) = o.stated_end() {
             merged_end = merged_end.max(end);
         }
-        if !newest && !dry_run {
+        // A merged segment has no hint: written in key order, it is read
+        // about as fast as one (DESIGN.md 2.7).
+        if !newest && !dry_run && o.header.kind == SegmentKind::Log {
             match load_hint(dir, &o, &mut rebuilt) {
                 Ok(hint) => {
                     report.segments_from_hints += 1;
@@ -468,6 +481,7 @@ fn recover_with(
         }
         report.segments_scanned += 1;
         let len = o.map.bytes().len() as u64;
+        let o_id = o.id;
         let scanned = scan_segment(
             Scanning {
                 opened: o,
@@ -475,6 +489,7 @@ fn recover_with(
                 mode,
                 durable_limit: durable_limit.filter(|_| newest),
                 dry_run,
+                merged_read: merged_reads.remove(&o_id),
             },
             &mut rebuilt,
             &mut report,
@@ -500,7 +515,7 @@ fn recover_with(
         }
     }
     if !dry_run {
-        crate::hint::remove_orphans(dir, fs)?;
+        crate::hint::remove_orphans(dir, fs, &merged_ids(&segments))?;
     }
     // The replication feed is the gapless log after the newest merged range.
     rebuilt.changes.forget_below(merged_end);
@@ -533,13 +548,12 @@ fn from_keydir_file(
     mut report: RecoveryReport,
     started: Instant,
 ) -> Result<Recovered> {
-    crate::hint::remove_orphans(dir, fs)?;
     let count = kept.len();
     let mut segments = Vec::with_capacity(count);
     let mut unhinted = Vec::new();
     for (i, (o, (end_position, end_offset))) in kept.into_iter().zip(loaded.ends).enumerate() {
-        let active = i + 1 == count && o.header.kind == SegmentKind::Log;
-        if !active && !o.id.hint_path_in(dir).exists() {
+        let active = i + 1 == count;
+        if !active && o.header.kind == SegmentKind::Log && !o.id.hint_path_in(dir).exists() {
             unhinted.push(o.id);
         }
         segments.push(ScannedSegment {
@@ -553,6 +567,7 @@ fn from_keydir_file(
             ops: Ops::Indexed,
         });
     }
+    crate::hint::remove_orphans(dir, fs, &merged_ids(&segments))?;
     report.from_keydir_file = true;
     report.segments = ids.len();
     report.keys = loaded.keydir.len();
@@ -568,6 +583,16 @@ fn from_keydir_file(
         live: loaded.live,
         report,
     })
+}
+
+/// The merged segments among `segments`: their hint files, which older
+/// builds wrote, are no longer read.
+fn merged_ids(segments: &[ScannedSegment]) -> Vec<SegmentId> {
+    segments
+        .iter()
+        .filter(|s| s.kind == SegmentKind::Merged)
+        .map(|s| s.id)
+        .collect()
 }
 
 /// Why a segment's headers did not decode.
@@ -762,14 +787,40 @@ fn build_index(
                     },
                 })));
             }
+            Ops::SortedRecords { offsets, deleted } => {
+                let bytes = s.map.bytes();
+                if *deleted > 0 {
+                    *tombstones.entry(s.id).or_default() += deleted;
+                }
+                // The scan verified these records and their key order.
+                let ops = offsets.iter().flat_map(move |&at| {
+                    decode_verified_record(&bytes[at as usize..])
+                        .into_iter()
+                        .flat_map(|rec| rec.entries())
+                        .map(move |(off, cn, op)| (at + off, cn, op))
+                });
+                runs.push(Box::new(ops.map(move |(at, cn, op)| Found {
+                    key: op.key,
+                    kind: op.kind,
+                    entry: KeyEntry {
+                        pointer: pointer(
+                            at,
+                            (OP_HEADER_LEN + op.key.len() + op.value.len()) as u32,
+                        ),
+                        expire_ts: op.expire_ts,
+                        change_number: cn,
+                    },
+                })));
+            }
             Ops::Records(offsets) => {
                 let bytes = s.map.bytes();
                 // Each operation with its key's first 16 bytes as an
                 // integer, so that most comparisons of the sort below are
                 // one integer comparison instead of a `memcmp`.
                 let mut found: Vec<(u128, Found<'_>)> = Vec::new();
+                // The scan verified these records.
                 for &at in offsets {
-                    let Ok(rec) = decode_record(&bytes[at as usize..]) else {
+                    let Some(rec) = decode_verified_record(&bytes[at as usize..]) else {
                         continue;
                     };
                     for (off, cn, op) in rec.entries() {
@@ -974,6 +1025,8 @@ struct Scanning {
     durable_limit: Option<u64>,
     /// Report what would be cut or removed, and change nothing.
     dry_run: bool,
+    /// A merged segment's records, when they were read already.
+    merged_read: Option<MergedRead>,
 }
 
 fn scan_segment(
@@ -988,9 +1041,10 @@ fn scan_segment(
         mode,
         durable_limit,
         dry_run,
+        merged_read,
     } = seg;
     if let Some(merge) = opened.merge {
-        return scan_merged(opened, merge, mode, rebuilt, report);
+        return scan_merged(opened, merge, mode, merged_read, rebuilt, report);
     }
     let Opened {
         id,
@@ -1123,13 +1177,131 @@ fn scan_segment(
     })
 }
 
-/// Reads a merged segment. It was fsynced before it was renamed into
-/// place, so any damage is corruption: an error, or in the tolerant mode
-/// the rest of the segment is skipped.
+/// What reading a merged segment's records found. Reading is a pure
+/// function of the bytes, so several segments are read at once (see
+/// [`read_all_merged`]).
+struct MergedRead {
+    /// Offsets of the intact records, in file order.
+    records: Vec<u32>,
+    /// Whether the keys are strictly ascending across all of them.
+    ascending: bool,
+    /// Bytes of delete operations.
+    deleted: u64,
+    /// Where reading stopped at something that is no merged record, and why.
+    failure: Option<(usize, String)>,
+}
+
+/// Reads the records of a merged segment covering `(lo, hi]`.
+fn read_merged(bytes: &[u8], lo: u64, hi: u64) -> MergedRead {
+    let mut at = SegmentKind::Merged.records_start().min(bytes.len());
+    let mut read = MergedRead {
+        records: Vec::new(),
+        ascending: true,
+        deleted: 0,
+        failure: None,
+    };
+    let mut last_key: Option<&[u8]> = None;
+    while at < bytes.len() {
+        let failure = match decode_record(&bytes[at..]) {
+            Ok(rec) if rec.header.kind != RecordKind::Merged => {
+                "a log record in a merged segment".to_string()
+            }
+            Ok(rec) if rec.entries().any(|(_, cn, _)| cn <= lo || cn > hi) => {
+                format!("a change number outside the segment's range {lo}..{hi}")
+            }
+            Ok(rec) => {
+                for (_, _, op) in rec.entries() {
+                    read.ascending &= last_key.is_none_or(|last| last < op.key);
+                    last_key = Some(op.key);
+                    if op.kind == OpKind::Delete {
+                        read.deleted += (OP_HEADER_LEN + op.key.len()) as u64;
+                    }
+                }
+                read.records.push(at as u32);
+                at += rec.header.record_len() as usize;
+                continue;
+            }
+            Err(e) => e.to_string(),
+        };
+        read.failure = Some((at, failure));
+        break;
+    }
+    read
+}
+
+/// Below this many bytes of merged segments, open reads them on its own
+/// thread: starting threads would cost more than it saves.
+const PARALLEL_READ_BYTES: usize = 8 << 20;
+
+/// Reads every merged segment among `segments`, on up to
+/// `available_parallelism` threads (each segment whole on one thread)
+/// when there is enough to read; by segment id.
+fn read_all_merged(segments: &[Opened]) -> HashMap<SegmentId, MergedRead> {
+    let mut merged: Vec<ToRead<'_>> = segments
+        .iter()
+        .filter_map(|o| {
+            Some(ToRead {
+                id: o.id,
+                bytes: o.map.bytes(),
+                lo: o.header.base_position,
+                hi: o.merge?.end_position,
+            })
+        })
+        .collect();
+    let total: usize = merged.iter().map(|m| m.bytes.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(merged.len());
+    if threads < 2 || total < PARALLEL_READ_BYTES {
+        return HashMap::new();
+    }
+    // Largest first, each to the thread with the least so far.
+    merged.sort_by_key(|m| std::cmp::Reverse(m.bytes.len()));
+    let mut groups: Vec<(usize, Vec<ToRead<'_>>)> = vec![(0, Vec::new()); threads];
+    for m in merged {
+        let g = groups.iter_mut().min_by_key(|g| g.0).expect("threads >= 2");
+        g.0 += m.bytes.len();
+        g.1.push(m);
+    }
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = groups
+            .into_iter()
+            .map(|(_, group)| {
+                scope.spawn(move || {
+                    group
+                        .into_iter()
+                        .map(|m| (m.id, read_merged(m.bytes, m.lo, m.hi)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        // A thread that panicked read nothing: those segments are read
+        // again on this one, which reports the same failure.
+        jobs.into_iter()
+            .filter_map(|j| j.join().ok())
+            .flatten()
+            .collect()
+    })
+}
+
+/// A merged segment for [`read_all_merged`]: its id, bytes and range.
+#[derive(Clone, Copy)]
+struct ToRead<'a> {
+    id: SegmentId,
+    bytes: &'a [u8],
+    lo: u64,
+    hi: u64,
+}
+
+/// Reads a merged segment (or takes what [`read_all_merged`] read). It
+/// was fsynced before it was renamed into place, so any damage is
+/// corruption: an error, or in the tolerant mode the rest of the segment
+/// is skipped.
 fn scan_merged(
     opened: Opened,
     merge: MergeHeader,
     mode: RecoveryMode,
+    read: Option<MergedRead>,
     rebuilt: &mut Rebuilt,
     report: &mut RecoveryReport,
 ) -> Result<ScannedSegment> {
@@ -1142,24 +1314,9 @@ fn scan_merged(
     } = opened;
     let bytes = map.bytes();
     let (lo, hi) = (header.base_position, merge.end_position);
-    let mut at = SegmentKind::Merged.records_start().min(bytes.len());
-    let mut records = Vec::new();
-    while at < bytes.len() {
-        let failure = match decode_record(&bytes[at..]) {
-            Ok(rec) if rec.header.kind != RecordKind::Merged => {
-                "a log record in a merged segment".to_string()
-            }
-            Ok(rec) if rec.entries().any(|(_, cn, _)| cn <= lo || cn > hi) => {
-                format!("a change number outside the segment's range {lo}..{hi}")
-            }
-            Ok(rec) => {
-                records.push(at as u32);
-                report.records += 1;
-                at += rec.header.record_len() as usize;
-                continue;
-            }
-            Err(e) => e.to_string(),
-        };
+    let read = read.unwrap_or_else(|| read_merged(bytes, lo, hi));
+    report.records += read.records.len() as u64;
+    if let Some((at, failure)) = read.failure {
         if !mode.skips_corruption() {
             return Err(Error::corruption(path, at as u64, failure));
         }
@@ -1169,7 +1326,6 @@ fn scan_merged(
             end: bytes.len() as u64,
             reason: format!("{failure}; the rest of the merged segment is skipped"),
         });
-        break;
     }
     report.bytes_read += bytes.len() as u64;
     rebuilt.applied = rebuilt.applied.max(merge.applied);
@@ -1181,7 +1337,14 @@ fn scan_merged(
         base_position: lo,
         end_position: hi,
         map,
-        ops: Ops::Records(records),
+        ops: if read.ascending {
+            Ops::SortedRecords {
+                offsets: read.records,
+                deleted: read.deleted,
+            }
+        } else {
+            Ops::Records(read.records)
+        },
     })
 }
 

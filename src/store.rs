@@ -16,7 +16,7 @@
 pub(crate) mod usage;
 mod write;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, SegmentKind, decode_op};
-use crate::iter::{Iter, IterationOptions};
+use crate::iter::{Iter, IterationOptions, PairRef};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
     ActiveMap, ActiveSegment, DirLock, FileSystem, GroupCommit, SealedSegment, SegmentId,
@@ -663,6 +663,40 @@ impl Store {
             Ok(Iter::new(Arc::clone(&self.inner), options))
         })
     }
+
+    /// Calls `visit` with each live pair that [`iter`](Self::iter) would
+    /// yield, in ascending key order, until it returns `false`. The pairs
+    /// are lent: copied, a chunk at a time, into one buffer the scan
+    /// reuses, so nothing is allocated per pair (`iter` allocates a key
+    /// and a value for each). `visit` runs with no lock held and may use
+    /// the store. Same consistency as [`Iter`].
+    ///
+    /// ```
+    /// # use dkv_cask::{IterationOptions, KvStore, Options, Store};
+    /// # use dkv_cask::serverpb::KvPair;
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = Store::open(dir.path(), Options::default())?;
+    /// let pair = |k: &str| KvPair { key: k.into(), value: b"v".to_vec(), expire_ts: 0 };
+    /// store.put(&[pair("user/1"), pair("user/2"), pair("zone/1")])?;
+    /// let mut keys = Vec::new();
+    /// store.scan(&IterationOptions::new().with_prefix("user/"), |p| {
+    ///     keys.push(String::from_utf8_lossy(p.key).into_owned());
+    ///     true
+    /// })?;
+    /// assert_eq!(keys, ["user/1", "user/2"]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn scan(
+        &self,
+        options: &IterationOptions,
+        visit: impl FnMut(PairRef<'_>) -> bool,
+    ) -> Result<()> {
+        self.inner.measured(Op::Iterate, || {
+            self.inner.check_open()?;
+            options.validate()?;
+            crate::iter::scan(&self.inner, options, visit)
+        })
+    }
 }
 
 impl Inner {
@@ -957,7 +991,7 @@ impl Inner {
         exclusive: bool,
         prefix: Option<&[u8]>,
         limits: ChunkLimits,
-        out: &mut VecDeque<KvPair>,
+        out: &mut dyn FnMut(PairRef<'_>),
     ) -> Result<(Option<Vec<u8>>, bool)> {
         self.check_open()?;
         let now = self.options.clock.now();
@@ -1000,9 +1034,9 @@ impl Inner {
         let mut buf = Vec::new();
         for (key, pointer) in found {
             let (value, expire_ts) = state.read_op(&self.dir, key, pointer, &mut buf)?;
-            out.push_back(KvPair {
-                key: key.to_vec(),
-                value: value.to_vec(),
+            out(PairRef {
+                key,
+                value,
                 expire_ts,
             });
         }

@@ -36,12 +36,26 @@ fn clocked_store() -> (TempStore, ClockHandle) {
 }
 
 /// Keys yielded by iterating with `options`, every item required to be Ok.
+/// The keys `iter` yields; `scan` must lend exactly the same pairs.
 fn keys_of(store: &Store, options: &IterationOptions) -> Vec<Vec<u8>> {
-    store
+    let pairs: Vec<KvPair> = store
         .iter(options)
         .expect("iterate")
-        .map(|p| p.expect("iteration item").key)
-        .collect()
+        .map(|p| p.expect("iteration item"))
+        .collect();
+    let mut lent = Vec::new();
+    store
+        .scan(options, |p| {
+            lent.push(KvPair {
+                key: p.key.to_vec(),
+                value: p.value.to_vec(),
+                expire_ts: p.expire_ts,
+            });
+            true
+        })
+        .expect("scan");
+    assert_eq!(lent, pairs, "scan and iter disagree");
+    pairs.into_iter().map(|p| p.key).collect()
 }
 
 fn strings(keys: &[&str]) -> Vec<Vec<u8>> {
@@ -566,11 +580,49 @@ fn iterating_with_contradictory_options_fails_before_yielding_anything() {
         .with_start_key("start");
     let err = t.store.iter(&options).err().expect("iter must fail");
     assert!(matches!(err, Error::InvalidIterationOptions), "{err:?}");
+    let mut visited = 0;
+    let err = t.store.scan(&options, |_| {
+        visited += 1;
+        true
+    });
+    assert!(
+        matches!(err, Err(Error::InvalidIterationOptions)),
+        "{err:?}"
+    );
+    assert_eq!(visited, 0);
     let err = t.store.iterate(&options).err().expect("iterate must fail");
     assert_eq!(
         err.to_string(),
         "StartKey must have the same prefix as PrefixKey"
     );
+}
+
+#[test]
+fn a_scan_stops_when_its_visitor_says_so_and_the_visitor_may_write_to_the_store() {
+    let t = temp_store(test_options());
+    for i in 0..100 {
+        t.store.put(&[pair(format!("k{i:03}"), "v")]).unwrap();
+    }
+    // Across several chunks: the visitor runs with no lock held, so its
+    // own writes neither deadlock nor fail.
+    let mut seen = Vec::new();
+    t.store
+        .scan(&IterationOptions::new().with_prefix("k"), |p| {
+            seen.push(p.key.to_vec());
+            let copy = format!("z{}", String::from_utf8_lossy(p.key));
+            t.store.put(&[pair(&copy, "copied")]).unwrap();
+            seen.len() < 70
+        })
+        .unwrap();
+    assert_eq!(seen.len(), 70);
+    assert_eq!(seen[69], b"k069");
+    assert_eq!(
+        keys_of(&t.store, &IterationOptions::new().with_prefix("z")).len(),
+        70
+    );
+    t.store.close().unwrap();
+    let closed = t.store.scan(&IterationOptions::new(), |_| true);
+    assert!(matches!(closed, Err(Error::Closed)), "{closed:?}");
 }
 
 // ---------------------------------------------------------------------------

@@ -159,12 +159,11 @@ fn write_seeds(target: &str, seeds: &[Vec<u8>]) {
 /// A real store's files at two moments: the bodies of its log segments
 /// (headers stripped) before a merge; then the body of the merged segment
 /// the merge wrote (both headers stripped), the end of the log range it
-/// covers, its hint file, and the body of the log segment written after.
+/// covers, and the body of the log segment written after.
 struct MergedMaterial {
     logs: Vec<Vec<u8>>,
     merged: Vec<u8>,
     merged_end: u16,
-    merged_hint: Vec<u8>,
     after: Vec<u8>,
 }
 
@@ -229,7 +228,6 @@ fn merged_store_material() -> MergedMaterial {
         logs,
         merged: fs::read(merged.id.path_in(dir.path())).unwrap()[start..].to_vec(),
         merged_end: u16::try_from(merged.end_position).unwrap(),
-        merged_hint: fs::read(merged.id.hint_path_in(dir.path())).unwrap(),
         after: fs::read(active.id.path_in(dir.path())).unwrap()[header..].to_vec(),
     };
     store.close().unwrap();
@@ -282,16 +280,11 @@ fn open_dir_holds_its_properties_over_the_seed_corpus() {
             file(MERGED_OVER_ALL | TRUE_HINT, &m.merged, m.merged_end, 7, &[]),
         ]
         .concat(),
-        // The merge's own hint, for a segment it does not describe.
+        // Bytes that are no hint, as a merged segment's hint: never
+        // read (merged segments are read whole), removed at open.
         [
             described(2, 1),
-            file(
-                MERGED | RAW_HINT,
-                &m.merged,
-                m.merged_end,
-                0,
-                &m.merged_hint,
-            ),
+            file(MERGED | RAW_HINT, &m.merged, m.merged_end, 0, &m.after),
             file(LOG | LEFTOVERS, &m.after, 0, 0, &[]),
         ]
         .concat(),

@@ -167,6 +167,14 @@ fn run(ops: Vec<Op>, dead_ratio: f64) -> Result<(), TestCaseError> {
                     .unwrap()
                     .map(|p| p.map(|p| (p.key, p.value)).unwrap())
                     .collect();
+                let mut lent = Vec::new();
+                store
+                    .scan(&options, |p| {
+                        lent.push((p.key.to_vec(), p.value.to_vec()));
+                        true
+                    })
+                    .unwrap();
+                prop_assert_eq!(&lent, &got, "scan, step {}", step);
                 let from = if start_ok { start } else { Vec::new() };
                 let want: Vec<(Vec<u8>, Vec<u8>)> = model
                     .map
