@@ -420,6 +420,39 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     row.note = format!("{:.2} M keys/s", row.rate() * 100.0 / 1e6);
     rows.push(row);
 
+    let mut row = timed("100-key prefix scan, lent", starts.iter(), |&g| {
+        let k = key(g * 100);
+        let options = IterationOptions::new().with_prefix(&k[..14]);
+        let mut count = 0;
+        store
+            .scan(&options, |p| {
+                std::hint::black_box((p.key, p.value));
+                count += 1;
+                true
+            })
+            .expect("scan");
+        assert_eq!(count, 100);
+    });
+    let reference = timed(
+        "100-key prefix scan, lent (BTreeMap)",
+        starts.iter(),
+        |&g| {
+            let k = key(g * 100);
+            let mut count = 0;
+            for pair in model
+                .range(k.to_vec()..)
+                .take_while(|(key, _)| key.starts_with(&k[..14]))
+            {
+                std::hint::black_box(pair);
+                count += 1;
+            }
+            assert_eq!(count, 100);
+        },
+    );
+    row.reference = Some(("BTreeMap range".into(), reference.rate()));
+    row.note = format!("{:.2} M keys/s (Store::scan)", row.rate() * 100.0 / 1e6);
+    rows.push(row);
+
     metrics_rows(tmp.path(), &workload, n, &mut rows)?;
 
     let mut row = replicate_row(&store, &tmp.path().join("slave"), n)?;
