@@ -184,7 +184,9 @@ pub(crate) fn remove_orphans(dir: &Path, fs: &dyn FileSystem, merged: &[SegmentI
             stem.len() == 10
         } else if let Some(stem) = name.strip_suffix(".hint") {
             stem.len() == 10
-                && (merged.iter().any(|id| id.hint_path_in(dir) == entry.path())
+                && (stem
+                    .parse::<u32>()
+                    .is_ok_and(|n| merged.contains(&SegmentId(n)))
                     || !dir
                         .join(format!("{stem}.{}", crate::log::SEGMENT_EXTENSION))
                         .exists())

@@ -186,11 +186,11 @@ pub(crate) fn scan(
     loop {
         bytes.clear();
         pairs.clear();
-        let (last, finished) = inner.scan_chunk(&cursor, exclusive, prefix, LIMITS, &mut |p| {
+        let read = inner.scan_chunk(&cursor, exclusive, prefix, LIMITS, &mut |p| {
             pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
             bytes.extend_from_slice(p.key);
             bytes.extend_from_slice(p.value);
-        })?;
+        });
         for &(at, key_len, value_len, expire_ts) in &pairs {
             let (key, rest) = bytes[at..].split_at(key_len);
             let pair = PairRef {
@@ -202,6 +202,8 @@ pub(crate) fn scan(
                 return Ok(());
             }
         }
+        // The pairs read before a failing read were visited; then its error.
+        let (last, finished) = read?;
         match last {
             Some(k) if !finished => {
                 cursor = k;

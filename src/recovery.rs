@@ -242,7 +242,18 @@ pub fn verify_with_progress(dir: &Path, progress: crate::Progress<'_>) -> Result
         let map = SealedSegment::open_lazy(&id.path_in(dir))?;
         done += map.bytes().len() as u64;
         progress(done.min(total), total);
-        if let Err(reason) = crate::hint::check(dir, id, map.bytes()) {
+        let merged =
+            read_headers(map.bytes(), id).is_ok_and(|(h, _)| h.kind == SegmentKind::Merged);
+        if merged && id.hint_path_in(dir).exists() {
+            report.hint_fallbacks.push(HintFallback {
+                segment: id,
+                reason: "hint of a merged segment, left by an older build: \
+                         never read, removed at the next open"
+                    .into(),
+            });
+        } else if merged {
+            continue;
+        } else if let Err(reason) = crate::hint::check(dir, id, map.bytes()) {
             report.hint_fallbacks.push(HintFallback {
                 segment: id,
                 reason,
@@ -614,6 +625,13 @@ fn read_headers(
         return Err(HeaderError::Other(format!(
             "header names segment {} but the file is segment {id}",
             header.id
+        )));
+    }
+    if u32::try_from(bytes.len()).is_err() {
+        // Record offsets are 32-bit: no segment this engine writes is longer.
+        return Err(HeaderError::Other(format!(
+            "segment of {} bytes: longer than the 4 GiB a record offset can address",
+            bytes.len()
         )));
     }
     if header
@@ -1229,9 +1247,11 @@ fn read_merged(bytes: &[u8], lo: u64, hi: u64) -> MergedRead {
     read
 }
 
-/// Below this many bytes of merged segments, open reads them on its own
+/// Up to this many bytes of merged segments, open reads them on its own
 /// thread: starting threads would cost more than it saves.
 const PARALLEL_READ_BYTES: usize = 8 << 20;
+/// Name of the threads that read merged segments at open.
+const MERGED_READ_THREAD: &str = "dkv-cask-open";
 
 /// Reads every merged segment among `segments`, on up to
 /// `available_parallelism` threads (each segment whole on one thread)
@@ -1252,7 +1272,7 @@ fn read_all_merged(segments: &[Opened]) -> HashMap<SegmentId, MergedRead> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(merged.len());
-    if threads < 2 || total < PARALLEL_READ_BYTES {
+    if threads < 2 || total <= PARALLEL_READ_BYTES {
         return HashMap::new();
     }
     // Largest first, each to the thread with the least so far.
@@ -1264,19 +1284,23 @@ fn read_all_merged(segments: &[Opened]) -> HashMap<SegmentId, MergedRead> {
         g.1.push(m);
     }
     std::thread::scope(|scope| {
+        // A group whose thread cannot start (a thread limit), or whose
+        // thread panicked, is left out: `scan_merged` reads what is
+        // missing on the opening thread.
         let jobs: Vec<_> = groups
             .into_iter()
-            .map(|(_, group)| {
-                scope.spawn(move || {
-                    group
-                        .into_iter()
-                        .map(|m| (m.id, read_merged(m.bytes, m.lo, m.hi)))
-                        .collect::<Vec<_>>()
-                })
+            .filter_map(|(_, group)| {
+                std::thread::Builder::new()
+                    .name(MERGED_READ_THREAD.into())
+                    .spawn_scoped(scope, move || {
+                        group
+                            .into_iter()
+                            .map(|m| (m.id, read_merged(m.bytes, m.lo, m.hi)))
+                            .collect::<Vec<_>>()
+                    })
+                    .ok()
             })
             .collect();
-        // A thread that panicked read nothing: those segments are read
-        // again on this one, which reports the same failure.
         jobs.into_iter()
             .filter_map(|j| j.join().ok())
             .flatten()

@@ -669,7 +669,8 @@ impl Store {
     /// are lent: copied, a chunk at a time, into one buffer the scan
     /// reuses, so nothing is allocated per pair (`iter` allocates a key
     /// and a value for each). `visit` runs with no lock held and may use
-    /// the store. Same consistency as [`Iter`].
+    /// the store. Same consistency as [`Iter`]. A read that fails ends the
+    /// scan with its error, after the pairs read before it were visited.
     ///
     /// ```
     /// # use dkv_cask::{IterationOptions, KvStore, Options, Store};
@@ -691,11 +692,12 @@ impl Store {
         options: &IterationOptions,
         visit: impl FnMut(PairRef<'_>) -> bool,
     ) -> Result<()> {
+        // Measured as `iter` is: the start, not the caller's visits.
         self.inner.measured(Op::Iterate, || {
             self.inner.check_open()?;
-            options.validate()?;
-            crate::iter::scan(&self.inner, options, visit)
-        })
+            options.validate()
+        })?;
+        crate::iter::scan(&self.inner, options, visit)
     }
 }
 

@@ -419,7 +419,9 @@ fn a_record_damaged_on_disk_after_open_reads_as_corruption_not_as_wrong_data() {
         sealed.expect("a sealed victim"),
         active.expect("an active one"),
     );
+    let mut damaged: Vec<&Vec<u8>> = Vec::new();
     for (key, extent) in [sealed, active] {
+        damaged.push(key);
         // The value's last byte, changed to another printable byte.
         let at = extent.end - 1;
         let mut b = fs::read(&extent.file).expect("read")[at as usize];
@@ -448,6 +450,20 @@ fn a_record_damaged_on_disk_after_open_reads_as_corruption_not_as_wrong_data() {
             matches!(scan.as_slice(), [Err(Error::Corruption { .. })]),
             "{label}: iteration gave {scan:?}"
         );
+        // A lent scan visits every pair before the first damaged one, then
+        // ends with the error.
+        let mut visited = Vec::new();
+        let lent = t.store.scan(&dkv_cask::IterationOptions::new(), |p| {
+            visited.push(p.key.to_vec());
+            true
+        });
+        assert!(
+            matches!(lent, Err(Error::Corruption { .. })),
+            "{label}: {lent:?}"
+        );
+        let first = damaged.iter().min().expect("a damaged key");
+        let before: Vec<Vec<u8>> = h.model.keys().filter(|k| k < first).cloned().collect();
+        assert_eq!(visited, before, "{label}");
     }
     // Keys whose records are untouched still read.
     for key in h.model.keys() {
@@ -722,5 +738,34 @@ fn a_segment_whose_base_position_leaves_no_room_for_records_is_rejected_or_stays
             "base {base}: an acknowledged write was lost at reopen ({:?})",
             store.recovery_report().truncated
         );
+    }
+}
+
+#[test]
+fn a_segment_longer_than_a_record_offset_can_address_is_corruption_not_a_panic() {
+    // Record offsets are 32-bit, so no segment the engine writes passes
+    // 4 GiB; a longer file (sparse here) is refused in every mode.
+    let mut rng = Rng::from_env("segment_over_4_gib");
+    let (dir, _) = store_with_segments(&mut rng, 3);
+    let files = segment_files(dir.path());
+    let image = copy_store(dir.path());
+    let grown = same_file_in(&files[0], image.path());
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&grown)
+        .and_then(|f| f.set_len((4 << 30) + 4096))
+        .expect("extend the segment (sparse)");
+    for mode in [
+        RecoveryMode::Strict,
+        RecoveryMode::TolerateTornTail,
+        RecoveryMode::TolerateAnyCorruption,
+    ] {
+        match open(image.path(), mode) {
+            Err(Error::Corruption { file, reason, .. }) => {
+                assert_eq!(file, grown, "{mode:?}");
+                assert!(reason.contains("4 GiB"), "{mode:?}: {reason}");
+            }
+            other => panic!("{mode:?}: {:?}", other.map(|_| "opened")),
+        }
     }
 }

@@ -123,6 +123,17 @@ fn a_hint_beside_a_merged_segment_is_removed_at_open_and_never_read() {
         for s in &merged {
             fs::write(s.id.hint_path_in(t.dir.path()), b"not a hint at all").unwrap();
         }
+        // `verify` names each as a leftover, not as damage.
+        let verified = dkv_cask::verify(t.dir.path()).unwrap();
+        assert_eq!(verified.hint_fallbacks.len(), merged.len(), "{verified:?}");
+        assert!(
+            verified
+                .hint_fallbacks
+                .iter()
+                .all(|f| f.reason.contains("older build")),
+            "{verified:?}"
+        );
+        assert!(verified.skipped.is_empty(), "{verified:?}");
         let reopened = reopen(t.dir.path(), options());
         for s in &merged {
             assert!(!s.id.hint_path_in(t.dir.path()).exists(), "{s:?}");

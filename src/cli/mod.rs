@@ -545,7 +545,7 @@ fn execute(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             for f in &r.hint_fallbacks {
                 writeln!(
                     out,
-                    "note: the hint of segment {} is not usable ({}); open scans the segment and rewrites it",
+                    "note: the hint of segment {} is not usable ({}); open reads the segment instead",
                     f.segment, f.reason
                 )?;
             }

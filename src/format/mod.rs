@@ -18,10 +18,11 @@ pub use keydir_file::{
     KEYDIR_ENTRY_LEN, KEYDIR_HEADER_LEN, KEYDIR_MAGIC, KEYDIR_SEGMENT_LEN, KEYDIR_START_LEN,
     KEYDIR_VERSION, KeydirEntries, KeydirFile, KeydirFileBuilder, KeydirSegment,
 };
+pub(crate) use record::decode_verified_record;
 pub use record::{
     APPLIED_LEN, FLAG_APPLIED, MERGED_CN_LEN, MergedBuilder, OP_HEADER_LEN, Op, OpIter, OpKind,
     RECORD_HEADER_LEN, Record, RecordBuilder, RecordHeader, RecordKind, decode_header, decode_op,
-    decode_record, decode_verified_record, op_key,
+    decode_record, op_key,
 };
 pub use segment::{
     FORMAT_VERSION, MERGE_HEADER_LEN, MIN_FORMAT_VERSION, MergeHeader, SEGMENT_HEADER_LEN,

@@ -306,7 +306,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record<'_>, FormatError> {
 /// same bytes, without checking anything again: the framing is read, no
 /// checksum is computed. Bounds are still respected, so bytes that were
 /// never verified give `None` or garbage, never a panic.
-pub fn decode_verified_record(buf: &[u8]) -> Option<Record<'_>> {
+pub(crate) fn decode_verified_record(buf: &[u8]) -> Option<Record<'_>> {
     let b: [u8; RECORD_HEADER_LEN] = take(buf, 0).ok()?;
     let flags = b[FLAGS];
     let header = RecordHeader {
