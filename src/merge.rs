@@ -394,6 +394,22 @@ fn merge_run(
         // Segments without records: nothing to merge.
         Taken::Empty => return Ok(true),
         Taken::Invalid => return Ok(false),
+        Taken::Overlapped {
+            other,
+            other_base,
+            lo,
+            hi,
+        } => {
+            return Err(Error::corruption(
+                other.path_in(&inner.dir),
+                0,
+                format!(
+                    "its log range starts at {other_base}, inside {lo}..{hi}, the range of \
+                     the run {run:?}: the run is not merged (log ranges overlap only in a \
+                     damaged store)"
+                ),
+            ));
+        }
     };
     let id = inner.allocate_segment_id()?;
     let tmp = id.merging_path_in(&inner.dir);
@@ -452,6 +468,14 @@ enum Taken {
     Empty,
     /// Not a run of adjacent sealed segments that retention lets go.
     Invalid,
+    /// Segment `other` starts inside the run's range `lo..hi` (ranges of a
+    /// damaged store overlap): a merged segment would supersede it.
+    Overlapped {
+        other: SegmentId,
+        other_base: u64,
+        lo: u64,
+        hi: u64,
+    },
 }
 
 /// A run as the table has it when its merge starts.
@@ -502,6 +526,23 @@ impl Run {
         };
         if lo == hi {
             return Ok(Taken::Empty);
+        }
+        // The log ranges of a damaged store opened with
+        // `TolerateAnyCorruption` may overlap. The next open removes every
+        // segment that starts inside a merged segment's range, so a run
+        // whose range holds another segment's start would lose that
+        // segment's data: refused.
+        if let Some((&other, u)) = state
+            .usage
+            .iter()
+            .find(|(id, u)| !run.contains(id) && lo <= u.base && u.base < hi)
+        {
+            return Ok(Taken::Overlapped {
+                other,
+                other_base: u.base,
+                lo,
+                hi,
+            });
         }
         let oldest = state.usage.values().map(|u| u.base).min();
         Ok(Taken::Run(Run {

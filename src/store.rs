@@ -425,7 +425,14 @@ fn assemble(dir: &Path, options: &Options, fs: &dyn FileSystem) -> Result<Assemb
     let mut usage = BTreeMap::new();
     let mut scanned = recovered.segments;
     let mut unhinted = recovered.unhinted;
-    let active = match scanned.pop_if(|s| s.kind == SegmentKind::Log) {
+    // The log continues after the highest position any segment covers. In
+    // a damaged store opened with `TolerateAnyCorruption` the ranges may
+    // overlap, and the last segment by range may end below another's end:
+    // it is then left sealed and a new segment starts at that end, so no
+    // change number is used twice and no new write lands inside a range
+    // that a merged segment could later cover (found by fuzzing).
+    let log_end = scanned.iter().map(|s| s.end_position).max().unwrap_or(0);
+    let active = match scanned.pop_if(|s| s.kind == SegmentKind::Log && s.end_position == log_end) {
         Some(last) => {
             let id = last.id;
             let (path, base, end) = (last.path.clone(), last.base_position, last.end_offset);
@@ -441,13 +448,7 @@ fn assemble(dir: &Path, options: &Options, fs: &dyn FileSystem) -> Result<Assemb
             unhinted.retain(|&u| u != id);
             ActiveSegment::reopen(&path, id, base, end, options.segment_plan(), fs)?
         }
-        None => ActiveSegment::create(
-            dir,
-            next_segment,
-            scanned.last().map_or(0, |s| s.end_position),
-            options.segment_plan(),
-            fs,
-        )?,
+        None => ActiveSegment::create(dir, next_segment, log_end, options.segment_plan(), fs)?,
     };
     for s in scanned {
         usage.insert(
