@@ -172,7 +172,7 @@ const OPEN_DIR_NOW: u64 = 2_000_000_000;
 /// first byte says how many segments (bits 0-1, up to four), the recovery
 /// mode (bits 6-7), and (bits 2-5) whether the rest is cut into equal
 /// parts, the odd ones behind a valid log segment header, or read as
-/// [described files](write_described_files): log or merged segments, with
+/// described files (see `write_described_files`): log or merged segments, with
 /// or without a hint file (raw bytes, the true hint, a doctored one, or
 /// one made up), and leftovers of an unfinished merge or hint write. With
 /// described files, bit 5 also merges the newest sealed segment alone
@@ -347,8 +347,8 @@ fn check_open_dir(
     if hints_true && !used_lie {
         same(after.clone(), "after the merge and a reopen");
     }
-    // The merged folder opens again the same (with the hints that the
-    // merge and the first reopen wrote).
+    // The merged folder opens again the same (with the hints the first
+    // reopen wrote for its log segments).
     again.close().expect("close");
     let third = crate::Store::open(dir, options.clone()).expect("a merged store reopens");
     if let Some(after) = after {

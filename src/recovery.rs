@@ -1,6 +1,7 @@
 //! Open-time recovery: rebuilds the KeyDir from the keydir file a clean close
-//! saved (when every check on it holds), else from each sealed segment's hint
-//! or by reading it and verifying every checksum, and decides what damaged
+//! saved (when every check on it holds), else from each sealed log segment's
+//! hint or by reading it (merged segments always, on several threads when
+//! large) and verifying every checksum once, and decides what damaged
 //! bytes are: a torn tail of the newest segment (never synced, so cut off) or
 //! corruption of durable data (an error, or skipped and reported in the
 //! tolerant mode). Must not append records.

@@ -162,9 +162,9 @@ pub fn decode_header(buf: &[u8]) -> Result<RecordHeader, FormatError> {
     Ok(header)
 }
 
-/// A record borrowing from the bytes it was decoded from: verified by
-/// [`decode_record`], or by it once before [`decode_verified_record`]
-/// read it again.
+/// A record borrowing from the bytes it was decoded from, verified by
+/// [`decode_record`] (the crate may read the same bytes again later
+/// without checking them twice).
 #[derive(Clone, Copy, Debug)]
 pub struct Record<'a> {
     /// The header.
