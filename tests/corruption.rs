@@ -769,3 +769,66 @@ fn a_segment_longer_than_a_record_offset_can_address_is_corruption_not_a_panic()
         }
     }
 }
+
+#[test]
+fn a_merge_never_covers_the_start_of_a_segment_outside_its_run() {
+    // Two log segments over the same log range, which only damage makes
+    // (here: two stores' first segments side by side), opened tolerating
+    // any corruption. A merged segment supersedes, at the next open, every
+    // segment starting inside its range; so merging either one alone would
+    // make the next open remove the other, acknowledged writes and all.
+    use dkv_cask::format::{SegmentHeader, SegmentKind};
+    let options = Options {
+        sync_mode: SyncMode::Always,
+        recovery_mode: RecoveryMode::TolerateAnyCorruption,
+        preallocate: false,
+        map_appends: false,
+        retention: dkv_cask::Retention::none(),
+        merge: dkv_cask::MergeOptions {
+            automatic: false,
+            ..dkv_cask::MergeOptions::default()
+        },
+        ..Options::default()
+    };
+    // Every key written twice, so both segments have space to give back.
+    let first_segment = |prefix: &str, keys: usize| {
+        let t = temp_store(options.clone());
+        for round in 0..2 {
+            for i in 0..keys {
+                let value = format!("{prefix}{i}-{round}");
+                t.store
+                    .put(&[pair(format!("{prefix}{i:03}"), value)])
+                    .unwrap();
+            }
+        }
+        t.store.close().unwrap();
+        fs::read(dkv_cask::SegmentId(1).path_in(t.dir.path())).unwrap()
+    };
+    let a = first_segment("a", 20);
+    let b = first_segment("b", 30);
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dkv_cask::SegmentId(1).path_in(dir.path()), &a).unwrap();
+    let header = SegmentHeader {
+        kind: SegmentKind::Log,
+        id: dkv_cask::SegmentId(2),
+        base_position: 0,
+    };
+    let b = [&header.encode()[..], &b[SEGMENT_HEADER_BYTES as usize..]].concat();
+    fs::write(dkv_cask::SegmentId(2).path_in(dir.path()), &b).unwrap();
+
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    assert!(!store.recovery_report().skipped.is_empty());
+    let mut expected = contents(&store);
+    assert_eq!(expected.len(), 50);
+    store.put(&[pair("after", "acknowledged")]).unwrap();
+    expected.insert(b"after".to_vec(), b"acknowledged".to_vec());
+    match store.merge() {
+        Err(Error::Corruption { reason, .. }) => {
+            assert!(reason.contains("overlap"), "{reason}")
+        }
+        other => panic!("merge of overlapping ranges: {other:?}"),
+    }
+    store.close().unwrap();
+    let reopened = Store::open(dir.path(), options).unwrap();
+    assert_eq!(contents(&reopened), expected);
+}
