@@ -329,9 +329,18 @@ pub(crate) fn plan(inner: &Inner, forced: bool) -> Result<Vec<Vec<SegmentId>>> {
             runs.push(taken.into_iter().map(|(id, _)| id).collect());
         }
     };
+    // A segment whose range holds another's start is never planned (see
+    // `starts_inside`), so that a damaged store's overlapping segments do
+    // not stop every other merge.
+    let spans: Vec<(SegmentId, u64, u64, bool)> = order
+        .iter()
+        .map(|&(id, u, sealed)| (id, u.base, u.end, sealed))
+        .collect();
     let mut run_estimate = 0u64;
     for (id, u, sealed) in order {
-        let eligible = sealed && (u.kind == SegmentKind::Merged || u.end < floor);
+        let eligible = sealed
+            && (u.kind == SegmentKind::Merged || u.end < floor)
+            && starts_inside(spans.iter().copied(), &[id], u.base, u.end).is_none();
         let adjacent = run.last().is_none_or(|(_, last)| last.end == u.base);
         if !eligible || !adjacent {
             close(&mut run);
@@ -350,6 +359,26 @@ pub(crate) fn plan(inner: &Inner, forced: bool) -> Result<Vec<Vec<SegmentId>>> {
     }
     close(&mut run);
     Ok(runs)
+}
+
+/// The first segment, other than those `excluded`, that starts inside
+/// `lo..hi` and may hold something (it is not empty, or it is the active
+/// one): the next open would remove it as superseded by a merged segment
+/// over `lo..hi`. Only overlapping ranges, in a damaged store opened with
+/// `TolerateAnyCorruption`, make one. `segments` gives id, base, end and
+/// whether sealed.
+fn starts_inside(
+    segments: impl IntoIterator<Item = (SegmentId, u64, u64, bool)>,
+    excluded: &[SegmentId],
+    lo: u64,
+    hi: u64,
+) -> Option<(SegmentId, u64)> {
+    segments
+        .into_iter()
+        .find(|&(id, base, end, sealed)| {
+            !excluded.contains(&id) && lo <= base && base < hi && (base < end || !sealed)
+        })
+        .map(|(id, base, ..)| (id, base))
 }
 
 /// A source segment of a run.
@@ -532,14 +561,17 @@ impl Run {
         // segment that starts inside a merged segment's range, so a run
         // whose range holds another segment's start would lose that
         // segment's data: refused.
-        if let Some((&other, u)) = state
-            .usage
-            .iter()
-            .find(|(id, u)| !run.contains(id) && lo <= u.base && u.base < hi)
-        {
+        let spans = state.usage.iter().map(|(&id, u)| {
+            let sealed = state
+                .segments
+                .get(&id)
+                .is_some_and(|r| r.sealed_bytes().is_some());
+            (id, u.base, u.end, sealed)
+        });
+        if let Some((other, other_base)) = starts_inside(spans, run, lo, hi) {
             return Ok(Taken::Overlapped {
                 other,
-                other_base: u.base,
+                other_base,
                 lo,
                 hi,
             });

@@ -655,6 +655,16 @@ fn read_headers(
                     header.base_position, m.end_position
                 )));
             }
+            if m.end_position
+                .checked_add(2 * u64::from(u32::MAX))
+                .is_none()
+            {
+                // The log goes on after the highest end: leave it room.
+                return Err(HeaderError::Other(format!(
+                    "merged segment end position {} leaves no room for records",
+                    m.end_position
+                )));
+            }
             Some(m)
         }
     };

@@ -771,12 +771,15 @@ fn a_segment_longer_than_a_record_offset_can_address_is_corruption_not_a_panic()
 }
 
 #[test]
-fn a_merge_never_covers_the_start_of_a_segment_outside_its_run() {
-    // Two log segments over the same log range, which only damage makes
-    // (here: two stores' first segments side by side), opened tolerating
-    // any corruption. A merged segment supersedes, at the next open, every
-    // segment starting inside its range; so merging either one alone would
-    // make the next open remove the other, acknowledged writes and all.
+fn overlapping_log_ranges_never_make_a_write_reuse_a_position_or_a_merge_cover_a_segment() {
+    // Two log segments over one log range, which only damage makes (here:
+    // two stores' first segments side by side), opened tolerating any
+    // corruption. The last segment by range (2) ends below segment 1: new
+    // writes must go after the highest end, not into segment 2, whose
+    // positions segment 1 also covers. And a merged segment supersedes, at
+    // the next open, every segment starting inside its range: merging
+    // either segment alone would make the next open remove the other.
+    use dkv_cask::SegmentId;
     use dkv_cask::format::{SegmentHeader, SegmentKind};
     let options = Options {
         sync_mode: SyncMode::Always,
@@ -802,19 +805,19 @@ fn a_merge_never_covers_the_start_of_a_segment_outside_its_run() {
             }
         }
         t.store.close().unwrap();
-        fs::read(dkv_cask::SegmentId(1).path_in(t.dir.path())).unwrap()
+        fs::read(SegmentId(1).path_in(t.dir.path())).unwrap()
     };
-    let a = first_segment("a", 20);
-    let b = first_segment("b", 30);
+    let a = first_segment("a", 30);
+    let b = first_segment("b", 20);
     let dir = tempfile::tempdir().unwrap();
-    fs::write(dkv_cask::SegmentId(1).path_in(dir.path()), &a).unwrap();
+    fs::write(SegmentId(1).path_in(dir.path()), &a).unwrap();
     let header = SegmentHeader {
         kind: SegmentKind::Log,
-        id: dkv_cask::SegmentId(2),
+        id: SegmentId(2),
         base_position: 0,
     };
     let b = [&header.encode()[..], &b[SEGMENT_HEADER_BYTES as usize..]].concat();
-    fs::write(dkv_cask::SegmentId(2).path_in(dir.path()), &b).unwrap();
+    fs::write(SegmentId(2).path_in(dir.path()), &b).unwrap();
 
     let store = Store::open(dir.path(), options.clone()).unwrap();
     assert!(!store.recovery_report().skipped.is_empty());
@@ -822,13 +825,62 @@ fn a_merge_never_covers_the_start_of_a_segment_outside_its_run() {
     assert_eq!(expected.len(), 50);
     store.put(&[pair("after", "acknowledged")]).unwrap();
     expected.insert(b"after".to_vec(), b"acknowledged".to_vec());
-    match store.merge() {
-        Err(Error::Corruption { reason, .. }) => {
-            assert!(reason.contains("overlap"), "{reason}")
+    let segments = store.stats().unwrap().segments;
+    let highest = segments
+        .iter()
+        .filter(|s| !s.active)
+        .map(|s| s.end_position)
+        .max()
+        .unwrap();
+    let active = segments.iter().find(|s| s.active).unwrap();
+    assert_eq!(active.base_position, highest, "{segments:?}");
+    assert!(active.id.0 > 2, "{segments:?}");
+
+    for id in [1, 2] {
+        match store.merge_segments(&[SegmentId(id)], &mut |_| true) {
+            Err(Error::Corruption { reason, .. }) => {
+                assert!(reason.contains("overlap"), "{reason}")
+            }
+            other => panic!("merge of segment {id} alone: {other:?}"),
         }
-        other => panic!("merge of overlapping ranges: {other:?}"),
     }
+    // A whole merge leaves the two alone and goes on with the rest.
+    store.merge().unwrap();
     store.close().unwrap();
     let reopened = Store::open(dir.path(), options).unwrap();
     assert_eq!(contents(&reopened), expected);
+}
+
+#[test]
+fn a_merged_segment_ending_near_the_top_of_the_log_is_corruption_not_an_overflow() {
+    // The log goes on after the highest end; an end with no room after it
+    // would overflow the next change number.
+    use dkv_cask::SegmentId;
+    use dkv_cask::format::{MergeHeader, SegmentHeader, SegmentKind};
+    let dir = tempfile::tempdir().unwrap();
+    let segment = [
+        SegmentHeader {
+            kind: SegmentKind::Merged,
+            id: SegmentId(1),
+            base_position: 0,
+        }
+        .encode()
+        .to_vec(),
+        MergeHeader {
+            end_position: u64::MAX - 10,
+            applied: 0,
+        }
+        .encode()
+        .to_vec(),
+    ]
+    .concat();
+    fs::write(SegmentId(1).path_in(dir.path()), &segment).unwrap();
+    for mode in MODES {
+        match open(dir.path(), mode) {
+            Err(Error::Corruption { reason, .. }) => {
+                assert!(reason.contains("no room"), "{mode:?}: {reason}")
+            }
+            other => panic!("{mode:?}: {:?}", other.map(|_| "opened")),
+        }
+    }
 }
