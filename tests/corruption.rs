@@ -856,24 +856,8 @@ fn a_merged_segment_ending_near_the_top_of_the_log_is_corruption_not_an_overflow
     // The log goes on after the highest end; an end with no room after it
     // would overflow the next change number.
     use dkv_cask::SegmentId;
-    use dkv_cask::format::{MergeHeader, SegmentHeader, SegmentKind};
     let dir = tempfile::tempdir().unwrap();
-    let segment = [
-        SegmentHeader {
-            kind: SegmentKind::Merged,
-            id: SegmentId(1),
-            base_position: 0,
-        }
-        .encode()
-        .to_vec(),
-        MergeHeader {
-            end_position: u64::MAX - 10,
-            applied: 0,
-        }
-        .encode()
-        .to_vec(),
-    ]
-    .concat();
+    let segment = merged_segment_headers(u64::MAX - 10);
     fs::write(SegmentId(1).path_in(dir.path()), &segment).unwrap();
     for mode in MODES {
         match open(dir.path(), mode) {

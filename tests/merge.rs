@@ -970,9 +970,7 @@ fn a_merged_segment_out_of_key_order_still_opens_to_its_last_operation_per_key()
     // merged segment in another order (written by hand, or damaged in a
     // way its checksums accept) opens the same as a sorted one would.
     use dkv_cask::SegmentId;
-    use dkv_cask::format::{
-        MergeHeader, MergedBuilder, RECORD_HEADER_LEN, RecordBuilder, SegmentHeader,
-    };
+    use dkv_cask::format::{MergedBuilder, RECORD_HEADER_LEN, RecordBuilder};
     let op = |k: &[u8], v: &[u8]| {
         let mut b = RecordBuilder::new(None);
         b.push_put(k, v, 0);
@@ -985,19 +983,7 @@ fn a_merged_segment_out_of_key_order_still_opens_to_its_last_operation_per_key()
     second.push(4, &op(b"a", b"a"));
     second.push(5, &op(b"m", b"last m"));
     let segment = [
-        SegmentHeader {
-            kind: SegmentKind::Merged,
-            id: SegmentId(1),
-            base_position: 0,
-        }
-        .encode()
-        .to_vec(),
-        MergeHeader {
-            end_position: 10,
-            applied: 0,
-        }
-        .encode()
-        .to_vec(),
+        merged_segment_headers(10),
         first.finish().to_vec(),
         second.finish().to_vec(),
     ]

@@ -339,3 +339,20 @@ pub fn garbage(rng: &mut Rng, len: usize) -> Vec<u8> {
     }
     g
 }
+
+/// The two headers of merged segment 1 covering log range `0..end`, to
+/// which a test appends merged records of its own.
+#[allow(dead_code)]
+pub fn merged_segment_headers(end: u64) -> Vec<u8> {
+    use dkv_cask::format::{MergeHeader, SegmentHeader, SegmentKind};
+    let segment = SegmentHeader {
+        kind: SegmentKind::Merged,
+        id: dkv_cask::SegmentId(1),
+        base_position: 0,
+    };
+    let merge = MergeHeader {
+        end_position: end,
+        applied: 0,
+    };
+    [&segment.encode()[..], &merge.encode()[..]].concat()
+}
