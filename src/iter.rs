@@ -21,6 +21,14 @@ const LIMITS: ChunkLimits = ChunkLimits {
     visited: MAX_VISITED,
     bytes: MAX_CHUNK_BYTES,
 };
+/// [`scan`]'s chunks are longer: it copies no pair out, so a longer hold of
+/// the read lock (still bounded by `MAX_VISITED` entries) buys fewer index
+/// seeks and more value loads in flight at once.
+const SCAN_LIMITS: ChunkLimits = ChunkLimits {
+    pairs: 4 * CHUNK,
+    visited: MAX_VISITED,
+    bytes: MAX_CHUNK_BYTES,
+};
 
 /// Where iteration starts and which keys it yields.
 ///
@@ -186,7 +194,7 @@ pub(crate) fn scan(
     loop {
         bytes.clear();
         pairs.clear();
-        let read = inner.scan_chunk(&cursor, exclusive, prefix, LIMITS, &mut |p| {
+        let read = inner.scan_chunk(&cursor, exclusive, prefix, SCAN_LIMITS, &mut |p| {
             pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
             bytes.extend_from_slice(p.key);
             bytes.extend_from_slice(p.value);

@@ -315,6 +315,32 @@ impl SegmentReader {
         }
     }
 
+    /// One byte from each cache line of the operation at `pointer` (up to
+    /// `TOUCHED_LINES` of them) when it is mapped, folded together (0
+    /// otherwise): independent loads that bring the lines in, so that a
+    /// scan's misses overlap before its checksums read the bytes.
+    fn touch(&self, pointer: RecordPointer) -> u8 {
+        const LINE: usize = 64;
+        const TOUCHED_LINES: usize = 8;
+        let bytes = match self {
+            SegmentReader::Sealed(s) => s
+                .bytes()
+                .get(pointer.offset as usize..)
+                .and_then(|b| b.get(..pointer.len as usize)),
+            SegmentReader::Active(_, Some(map)) => {
+                map.bytes(u64::from(pointer.offset), pointer.len as usize)
+            }
+            SegmentReader::Active(_, None) => None,
+        };
+        bytes.map_or(0, |b| {
+            b.iter()
+                .step_by(LINE)
+                .take(TOUCHED_LINES)
+                .chain(b.last())
+                .fold(0, |x, &y| x ^ y)
+        })
+    }
+
     /// A sealed segment's whole file.
     pub(crate) fn sealed_bytes(&self) -> Option<&[u8]> {
         match self {
@@ -1005,7 +1031,15 @@ impl Inner {
         let mut visited = 0;
         let mut bytes = 0;
         // First the chunk's keys and where their values lie...
-        let mut found: Vec<(&[u8], RecordPointer)> = Vec::with_capacity(limits.pairs);
+        // ...each value's first lines loaded as its key is found, so that
+        // the misses (values of neighbouring keys lie anywhere in the log)
+        // overlap with each other and with the rest of the index walk
+        // instead of coming one after another; its segment's reader looked
+        // up once per run of keys in one segment...
+        let mut found: Vec<(&[u8], RecordPointer, Option<&SegmentReader>)> =
+            Vec::with_capacity(limits.pairs);
+        let mut segment: Option<(SegmentId, Option<&SegmentReader>)> = None;
+        let mut touched = 0u8;
         state.keydir.scan_from(cursor, exclusive, |key, entry| {
             if let Some(p) = prefix
                 && !key.starts_with(p)
@@ -1022,21 +1056,27 @@ impl Inner {
                 return true;
             }
             bytes += entry.pointer.len as usize;
-            found.push((key, entry.pointer));
+            let reader = match segment {
+                Some((id, reader)) if id == entry.pointer.segment => reader,
+                _ => {
+                    let reader = state.reader(entry.pointer.segment);
+                    segment = Some((entry.pointer.segment, reader));
+                    reader
+                }
+            };
+            found.push((key, entry.pointer, reader));
             true
         });
-        // ...then one load from each value, all independent, so that their
-        // cache and TLB misses overlap instead of coming one after another
-        // (values of neighbouring keys lie anywhere in the log)...
-        let mut touched = 0u8;
-        for &(_, pointer) in &found {
-            touched ^= state.touch(pointer);
+        for &(_, pointer, reader) in &found {
+            if let Some(r) = reader {
+                touched ^= r.touch(pointer);
+            }
         }
         std::hint::black_box(touched);
         // ...then the values, checked and copied.
         let mut buf = Vec::new();
-        for (key, pointer) in found {
-            let (value, expire_ts) = state.read_op(&self.dir, key, pointer, &mut buf)?;
+        for (key, pointer, reader) in found {
+            let (value, expire_ts) = read_op_in(reader, &self.dir, key, pointer, &mut buf)?;
             out(PairRef {
                 key,
                 value,
@@ -1152,32 +1192,6 @@ impl Inner {
 }
 
 impl State {
-    /// One byte from each cache line of the operation at `pointer` (up to
-    /// `TOUCHED_LINES` of them) when it is mapped, folded together (0
-    /// otherwise): independent loads that bring the lines in, so that a
-    /// scan's misses overlap before its checksums read the bytes.
-    fn touch(&self, pointer: RecordPointer) -> u8 {
-        const LINE: usize = 64;
-        const TOUCHED_LINES: usize = 8;
-        let bytes = match self.reader(pointer.segment) {
-            Some(SegmentReader::Sealed(s)) => s
-                .bytes()
-                .get(pointer.offset as usize..)
-                .and_then(|b| b.get(..pointer.len as usize)),
-            Some(SegmentReader::Active(_, Some(map))) => {
-                map.bytes(u64::from(pointer.offset), pointer.len as usize)
-            }
-            _ => None,
-        };
-        bytes.map_or(0, |b| {
-            b.iter()
-                .step_by(LINE)
-                .take(TOUCHED_LINES)
-                .chain(b.last())
-                .fold(0, |x, &y| x ^ y)
-        })
-    }
-
     /// Reads and verifies the put operation at `pointer`, which must hold
     /// `key`; returns its value and expiry. `buf` holds bytes read from the
     /// active segment.
@@ -1188,49 +1202,7 @@ impl State {
         pointer: RecordPointer,
         buf: &'a mut Vec<u8>,
     ) -> Result<(&'a [u8], u64)> {
-        let offset = u64::from(pointer.offset);
-        let len = pointer.len as usize;
-        let bytes: &[u8] = match self.reader(pointer.segment) {
-            Some(SegmentReader::Sealed(s)) => s
-                .bytes()
-                .get(offset as usize..offset as usize + len)
-                .ok_or_else(|| {
-                    Error::corruption(
-                        s.path(),
-                        offset,
-                        "indexed record lies beyond the segment's end",
-                    )
-                })?,
-            Some(SegmentReader::Active(file, map)) => {
-                match map.as_ref().and_then(|m| m.bytes(offset, len)) {
-                    Some(bytes) => bytes,
-                    None => {
-                        buf.resize(len, 0);
-                        file.read_exact_at(buf, offset).context(|| {
-                            format!(
-                                "read {len} bytes at {offset} of segment {}",
-                                pointer.segment
-                            )
-                        })?;
-                        buf
-                    }
-                }
-            }
-            None => {
-                return Err(Error::corruption(
-                    pointer.segment.path_in(dir),
-                    offset,
-                    "indexed segment is not open",
-                ));
-            }
-        };
-        let corrupt =
-            |reason: String| Error::corruption(pointer.segment.path_in(dir), offset, reason);
-        let (op, _) = decode_op(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if op.key != key {
-            return Err(corrupt("indexed operation holds another key".into()));
-        }
-        Ok((op.value, op.expire_ts))
+        read_op_in(self.reader(pointer.segment), dir, key, pointer, buf)
     }
 
     /// The live entry of `key` (the clock is read only for keys that
@@ -1240,6 +1212,59 @@ impl State {
             .get(key)
             .filter(|e| !clock.is_expired(e.expire_ts))
     }
+}
+
+/// [`State::read_op`] through `reader`, the reader of `pointer.segment`
+/// already looked up (`None`: the segment is not open).
+fn read_op_in<'a>(
+    reader: Option<&'a SegmentReader>,
+    dir: &Path,
+    key: &[u8],
+    pointer: RecordPointer,
+    buf: &'a mut Vec<u8>,
+) -> Result<(&'a [u8], u64)> {
+    let offset = u64::from(pointer.offset);
+    let len = pointer.len as usize;
+    let bytes: &[u8] = match reader {
+        Some(SegmentReader::Sealed(s)) => s
+            .bytes()
+            .get(offset as usize..offset as usize + len)
+            .ok_or_else(|| {
+                Error::corruption(
+                    s.path(),
+                    offset,
+                    "indexed record lies beyond the segment's end",
+                )
+            })?,
+        Some(SegmentReader::Active(file, map)) => {
+            match map.as_ref().and_then(|m| m.bytes(offset, len)) {
+                Some(bytes) => bytes,
+                None => {
+                    buf.resize(len, 0);
+                    file.read_exact_at(buf, offset).context(|| {
+                        format!(
+                            "read {len} bytes at {offset} of segment {}",
+                            pointer.segment
+                        )
+                    })?;
+                    buf
+                }
+            }
+        }
+        None => {
+            return Err(Error::corruption(
+                pointer.segment.path_in(dir),
+                offset,
+                "indexed segment is not open",
+            ));
+        }
+    };
+    let corrupt = |reason: String| Error::corruption(pointer.segment.path_in(dir), offset, reason);
+    let (op, _) = decode_op(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if op.key != key {
+        return Err(corrupt("indexed operation holds another key".into()));
+    }
+    Ok((op.value, op.expire_ts))
 }
 
 impl Syncer {
