@@ -352,7 +352,7 @@ impl SegmentReader {
     fn active(segment: &ActiveSegment) -> Arc<Self> {
         Arc::new(SegmentReader::Active(
             Arc::clone(&segment.file),
-            segment.map.clone(),
+            segment.map.as_ref().map(|m| Arc::clone(m.map())),
         ))
     }
 
@@ -1123,7 +1123,7 @@ impl Inner {
             // file's end is a SIGBUS. It falls back to `pread`, which
             // reports a short file as an error.
             if let Some(map) = &w.active.map {
-                map.withdraw();
+                map.map().withdraw();
             }
             let result = match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),

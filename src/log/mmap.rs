@@ -136,7 +136,7 @@ fn map_read_only(file: &File, len: u64, populate: bool) -> std::io::Result<Mmap>
 }
 
 /// A shared writable map of the active segment: readable below its
-/// published offset, written beyond it.
+/// published offset, written beyond it, by its one [`MapWriter`] only.
 #[derive(Debug)]
 pub(crate) struct ActiveMap {
     raw: MmapRaw,
@@ -147,7 +147,16 @@ pub(crate) struct ActiveMap {
     withdrawn: AtomicBool,
 }
 
-impl ActiveMap {
+/// The one handle that writes an [`ActiveMap`]: made with it and never
+/// cloned, so holding it by `&mut` makes its holder the map's only writer
+/// (the type says what the writer lock ensures, and the map's unsafe copy
+/// relies on).
+#[derive(Debug)]
+pub(crate) struct MapWriter {
+    map: Arc<ActiveMap>,
+}
+
+impl MapWriter {
     /// Maps `len` bytes of `file` (the active segment: zero-filled to `len`
     /// when preallocated, else shorter and growing), with the bytes below
     /// `published` already written. Only published bytes are ever read, and
@@ -158,22 +167,35 @@ impl ActiveMap {
             .len(usize::try_from(len).map_err(std::io::Error::other)?)
             .populate()
             .map_raw(file)?;
-        Ok(ActiveMap {
-            raw,
-            len,
-            published: AtomicU64::new(published.min(len)),
-            withdrawn: AtomicBool::new(false),
+        Ok(MapWriter {
+            map: Arc::new(ActiveMap {
+                raw,
+                len,
+                published: AtomicU64::new(published.min(len)),
+                withdrawn: AtomicBool::new(false),
+            }),
         })
     }
 
+    /// The map, for readers and for publishing.
+    pub(crate) fn map(&self) -> &Arc<ActiveMap> {
+        &self.map
+    }
+
     /// Copies `bytes` into the map at `offset`: into the page cache, as a
-    /// `pwrite` would. Called by the one writer (under the writer lock),
-    /// with `backed` the length up to which it made the file hold allocated
-    /// blocks, since a copy past the file's end is a `SIGBUS`. The range
-    /// must lie at or beyond the published offset, inside the map and below
-    /// `backed`, and the map must not be withdrawn; otherwise nothing is
-    /// written and the error says why.
-    pub(crate) fn write(&self, offset: u64, bytes: &[u8], backed: u64) -> std::io::Result<()> {
+    /// `pwrite` would, with `backed` the length up to which the writer made
+    /// the file hold allocated blocks, since a copy past the file's end is
+    /// a `SIGBUS`. The range must lie at or beyond the published offset,
+    /// inside the map and below `backed`, and the map must not be
+    /// withdrawn; otherwise nothing is written and the error says why.
+    pub(crate) fn write(&mut self, offset: u64, bytes: &[u8], backed: u64) -> std::io::Result<()> {
+        self.map.write(offset, bytes, backed)
+    }
+}
+
+impl ActiveMap {
+    /// [`MapWriter::write`]; only the map's one writer calls it.
+    fn write(&self, offset: u64, bytes: &[u8], backed: u64) -> std::io::Result<()> {
         let end = offset
             .checked_add(bytes.len() as u64)
             .filter(|&end| end <= self.len.min(backed));
@@ -204,8 +226,9 @@ impl ActiveMap {
         // or beyond the published offset, and that the map is not withdrawn
         // (after a close `published` drops to 0 while readers may still hold
         // slices). No reader reads there (`bytes` hands out published
-        // ranges only) and the writer lock makes the caller the only writer,
-        // so nothing aliases the destination while it is written; `bytes`
+        // ranges only), and only the map's one `MapWriter`, through a
+        // `&mut` borrow, calls `write`, so no other copy runs at the same
+        // time and nothing aliases the destination while it is written; `bytes`
         // comes from the heap, not from this map. The map is shared, so the
         // copy lands in the file's page cache.
         unsafe {
@@ -273,21 +296,22 @@ mod tests {
             .open(&path)
             .unwrap();
         file.set_len(4096).unwrap();
-        let map = ActiveMap::new(&file, 8192, 100).unwrap();
+        let mut writer = MapWriter::new(&file, 8192, 100).unwrap();
+        let map = Arc::clone(writer.map());
 
-        map.write(100, b"record", 4096).unwrap();
+        writer.write(100, b"record", 4096).unwrap();
         assert_eq!(&std::fs::read(&path).unwrap()[100..106], b"record");
         assert!(map.bytes(100, 6).is_none(), "not yet published");
         map.publish(106);
         assert_eq!(map.bytes(100, 6), Some(&b"record"[..]));
 
-        let published = map.write(99, b"xx", 4096).unwrap_err();
+        let published = writer.write(99, b"xx", 4096).unwrap_err();
         assert!(published.to_string().contains("outside"), "{published}");
-        assert!(map.write(4095, b"xy", 4096).is_err(), "past the file");
-        assert!(map.write(8190, b"xyz", 1 << 20).is_err(), "past the map");
-        assert!(map.write(u64::MAX, b"x", u64::MAX).is_err(), "overflow");
+        assert!(writer.write(4095, b"xy", 4096).is_err(), "past the file");
+        assert!(writer.write(8190, b"xyz", 1 << 20).is_err(), "past the map");
+        assert!(writer.write(u64::MAX, b"x", u64::MAX).is_err(), "overflow");
         map.withdraw();
-        assert!(map.write(200, b"x", 4096).is_err(), "after close");
+        assert!(writer.write(200, b"x", 4096).is_err(), "after close");
         assert_eq!(&std::fs::read(&path).unwrap()[96..106], b"\0\0\0\0record");
     }
 }

@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use super::SegmentId;
 use super::fs::{FileSystem, write_zeros};
 use super::fsutil::{sync_dir, truncate_synced};
-use super::mmap::ActiveMap;
+use super::mmap::MapWriter;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind};
 
@@ -119,7 +119,7 @@ pub(crate) struct ActiveSegment {
     /// published bytes through it, and with `map_appends` the writer copies
     /// records into it (records beyond the capacity, from a batch larger
     /// than a segment, are written with `pwrite` and read with `pread`).
-    pub(crate) map: Option<Arc<ActiveMap>>,
+    pub(crate) map: Option<MapWriter>,
     /// Append through `map` rather than with `pwrite`.
     map_appends: bool,
     /// The length up to which this writer made the file hold allocated
@@ -277,9 +277,9 @@ impl ActiveSegment {
     /// long yet: readers read only below the published offset, and the
     /// writer copies only below `backed`, both of which the file reaches.
     fn map_file(&mut self) -> Result<()> {
-        let map = ActiveMap::new(&self.file, self.capacity, self.offset)
+        let map = MapWriter::new(&self.file, self.capacity, self.offset)
             .context(|| format!("map segment {}", self.path.display()))?;
-        self.map = Some(Arc::new(map));
+        self.map = Some(map);
         Ok(())
     }
 
@@ -321,7 +321,7 @@ impl ActiveSegment {
     /// Writes records at the current offset and advances past them.
     pub(crate) fn append(&mut self, bytes: &[u8], fs: &dyn FileSystem) -> Result<()> {
         let end = self.offset + bytes.len() as u64;
-        match &self.map {
+        match &mut self.map {
             Some(map) if self.map_appends && end <= self.capacity => {
                 if end > self.backed {
                     // Allocated zeros ahead of the records: a full disk
@@ -343,7 +343,7 @@ impl ActiveSegment {
         self.offset = end;
         self.backed = self.backed.max(end);
         if let Some(map) = &self.map {
-            map.publish(self.offset);
+            map.map().publish(self.offset);
         }
         if let Some(crc) = &mut self.crc {
             crc.update(bytes);
