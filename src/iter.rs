@@ -9,11 +9,12 @@ use crate::error::{Error, Result};
 use crate::serverpb::{IterateRequest, KvPair};
 use crate::store::{ChunkLimits, Inner};
 
-/// Keys copied per visit to the index.
-const CHUNK: usize = 32;
+/// Pairs copied per visit to the index: a 100-key prefix scan seeks the
+/// index once, with up to this many value loads in flight.
+const CHUNK: usize = 128;
 /// Index entries looked at per visit (expired ones are skipped), so one
 /// visit stays short even across long runs of expired keys.
-const MAX_VISITED: usize = 16 * CHUNK;
+const MAX_VISITED: usize = 512;
 /// Value bytes copied per visit, so large values do not hold the lock long.
 const MAX_CHUNK_BYTES: usize = 1 << 20;
 const LIMITS: ChunkLimits = ChunkLimits {
@@ -21,14 +22,52 @@ const LIMITS: ChunkLimits = ChunkLimits {
     visited: MAX_VISITED,
     bytes: MAX_CHUNK_BYTES,
 };
-/// [`scan`]'s chunks are longer: it copies no pair out, so a longer hold of
-/// the read lock (still bounded by `MAX_VISITED` entries) buys fewer index
-/// seeks and more value loads in flight at once.
-const SCAN_LIMITS: ChunkLimits = ChunkLimits {
-    pairs: 4 * CHUNK,
-    visited: MAX_VISITED,
-    bytes: MAX_CHUNK_BYTES,
-};
+
+/// One chunk's pairs, copied under the index's read lock into one buffer
+/// that is reused from chunk to chunk, and read after the lock is released.
+#[derive(Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    /// Per pair: where its key starts in `bytes`, the key's and the
+    /// value's lengths, its expiry.
+    pairs: Vec<(usize, usize, usize, u64)>,
+}
+
+impl Chunk {
+    /// Copies the next chunk at or after `cursor` (after it when
+    /// `exclusive`). Returns the pairs read before a failing read, beside
+    /// the result: the resume point and whether the range ended.
+    fn read(
+        &mut self,
+        inner: &Inner,
+        cursor: &[u8],
+        exclusive: bool,
+        prefix: Option<&[u8]>,
+    ) -> Result<(Option<Vec<u8>>, bool)> {
+        let Chunk { bytes, pairs } = self;
+        bytes.clear();
+        pairs.clear();
+        inner.scan_chunk(cursor, exclusive, prefix, LIMITS, &mut |p| {
+            pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
+            bytes.extend_from_slice(p.key);
+            bytes.extend_from_slice(p.value);
+        })
+    }
+
+    /// The pairs copied, in key order.
+    fn pairs(&self) -> impl Iterator<Item = PairRef<'_>> {
+        self.pairs
+            .iter()
+            .map(|&(at, key_len, value_len, expire_ts)| {
+                let (key, rest) = self.bytes[at..].split_at(key_len);
+                PairRef {
+                    key,
+                    value: &rest[..value_len],
+                    expire_ts,
+                }
+            })
+    }
+}
 
 /// Where iteration starts and which keys it yields.
 ///
@@ -98,6 +137,9 @@ pub struct Iter {
     cursor: Vec<u8>,
     exclusive: bool,
     buffer: VecDeque<KvPair>,
+    chunk: Chunk,
+    /// A read that failed, reported once the pairs before it are yielded.
+    failed: Option<Error>,
     done: bool,
 }
 
@@ -114,34 +156,38 @@ impl Iter {
             cursor,
             exclusive: false,
             buffer: VecDeque::new(),
+            chunk: Chunk::default(),
+            failed: None,
             done: false,
         }
     }
 
-    fn refill(&mut self) -> Result<()> {
-        let buffer = &mut self.buffer;
-        let (last, finished) = self.inner.scan_chunk(
+    fn refill(&mut self) {
+        // Copied under the lock into the reused chunk; the owned pairs,
+        // two allocations each, are made after it is released.
+        let read = self.chunk.read(
+            &self.inner,
             &self.cursor,
             self.exclusive,
             self.prefix.as_deref(),
-            LIMITS,
-            &mut |p| {
-                buffer.push_back(KvPair {
-                    key: p.key.to_vec(),
-                    value: p.value.to_vec(),
-                    expire_ts: p.expire_ts,
-                })
-            },
-        )?;
-        match last {
-            Some(k) => {
+        );
+        self.buffer.extend(self.chunk.pairs().map(|p| KvPair {
+            key: p.key.to_vec(),
+            value: p.value.to_vec(),
+            expire_ts: p.expire_ts,
+        }));
+        match read {
+            Ok((Some(k), finished)) => {
                 self.cursor = k;
                 self.exclusive = true;
+                self.done = finished;
             }
-            None => self.done = true,
+            Ok((None, _)) => self.done = true,
+            Err(e) => {
+                self.failed = Some(e);
+                self.done = true;
+            }
         }
-        self.done |= finished;
-        Ok(())
     }
 }
 
@@ -153,13 +199,13 @@ impl Iterator for Iter {
             if let Some(p) = self.buffer.pop_front() {
                 return Some(Ok(p));
             }
+            if let Some(e) = self.failed.take() {
+                return Some(Err(e));
+            }
             if self.done {
                 return None;
             }
-            if let Err(e) = self.refill() {
-                self.done = true;
-                return Some(Err(e));
-            }
+            self.refill();
         }
     }
 }
@@ -187,25 +233,10 @@ pub(crate) fn scan(
     let prefix = options.prefix();
     let mut cursor = options.start_key().or(prefix).unwrap_or_default().to_vec();
     let mut exclusive = false;
-    let mut bytes: Vec<u8> = Vec::new();
-    // Per pair: where its key starts, the key's and the value's lengths,
-    // its expiry.
-    let mut pairs: Vec<(usize, usize, usize, u64)> = Vec::with_capacity(CHUNK);
+    let mut chunk = Chunk::default();
     loop {
-        bytes.clear();
-        pairs.clear();
-        let read = inner.scan_chunk(&cursor, exclusive, prefix, SCAN_LIMITS, &mut |p| {
-            pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
-            bytes.extend_from_slice(p.key);
-            bytes.extend_from_slice(p.value);
-        });
-        for &(at, key_len, value_len, expire_ts) in &pairs {
-            let (key, rest) = bytes[at..].split_at(key_len);
-            let pair = PairRef {
-                key,
-                value: &rest[..value_len],
-                expire_ts,
-            };
+        let read = chunk.read(inner, &cursor, exclusive, prefix);
+        for pair in chunk.pairs() {
             if !visit(pair) {
                 return Ok(());
             }

@@ -450,6 +450,31 @@ fn a_record_damaged_on_disk_after_open_reads_as_corruption_not_as_wrong_data() {
             matches!(scan.as_slice(), [Err(Error::Corruption { .. })]),
             "{label}: iteration gave {scan:?}"
         );
+        // An iteration from the start yields every pair before the first
+        // damaged one, then the error, then nothing.
+        let first = damaged.iter().min().expect("a damaged key");
+        let before: Vec<Vec<u8>> = h.model.keys().filter(|k| k < first).cloned().collect();
+        let mut items = t
+            .store
+            .iter(&dkv_cask::IterationOptions::new())
+            .expect("iterate");
+        let mut yielded = Vec::new();
+        let mut error = None;
+        for item in items.by_ref() {
+            match item {
+                Ok(p) => yielded.push(p.key),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(yielded, before, "{label}: iteration before the damage");
+        assert!(
+            matches!(error, Some(Error::Corruption { .. })),
+            "{label}: iteration ended with {error:?}"
+        );
+        assert!(items.next().is_none(), "{label}: iteration went on");
         // A lent scan visits every pair before the first damaged one, then
         // ends with the error.
         let mut visited = Vec::new();
@@ -461,8 +486,6 @@ fn a_record_damaged_on_disk_after_open_reads_as_corruption_not_as_wrong_data() {
             matches!(lent, Err(Error::Corruption { .. })),
             "{label}: {lent:?}"
         );
-        let first = damaged.iter().min().expect("a damaged key");
-        let before: Vec<Vec<u8>> = h.model.keys().filter(|k| k < first).cloned().collect();
         assert_eq!(visited, before, "{label}");
     }
     // Keys whose records are untouched still read.
