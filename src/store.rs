@@ -1030,16 +1030,11 @@ impl Inner {
         let mut finished = true;
         let mut visited = 0;
         let mut bytes = 0;
-        // First the chunk's keys and where their values lie...
-        // ...each value's first lines loaded as its key is found, so that
-        // the misses (values of neighbouring keys lie anywhere in the log)
-        // overlap with each other and with the rest of the index walk
-        // instead of coming one after another; its segment's reader looked
-        // up once per run of keys in one segment...
+        // First the chunk's keys, where their values lie and the readers of
+        // their segments (looked up once per run of keys in one segment)...
         let mut found: Vec<(&[u8], RecordPointer, Option<&SegmentReader>)> =
             Vec::with_capacity(limits.pairs);
         let mut segment: Option<(SegmentId, Option<&SegmentReader>)> = None;
-        let mut touched = 0u8;
         state.keydir.scan_from(cursor, exclusive, |key, entry| {
             if let Some(p) = prefix
                 && !key.starts_with(p)
@@ -1067,6 +1062,11 @@ impl Inner {
             found.push((key, entry.pointer, reader));
             true
         });
+        // ...then the values' cache lines loaded, in a tight loop of
+        // independent loads, so that their misses (values of neighbouring
+        // keys lie anywhere in the log) overlap instead of coming one after
+        // another...
+        let mut touched = 0u8;
         for &(_, pointer, reader) in &found {
             if let Some(r) = reader {
                 touched ^= r.touch(pointer);
@@ -1122,8 +1122,8 @@ impl Inner {
             // published (after a failed sync), and a map read past a
             // file's end is a SIGBUS. It falls back to `pread`, which
             // reports a short file as an error.
-            if let Some(map) = &w.active.map {
-                map.map().withdraw();
+            if let Some(map) = &mut w.active.map {
+                map.withdraw();
             }
             let result = match self.commit.poisoned() {
                 Some(cause) => Err(Error::Poisoned { cause }),

@@ -162,7 +162,7 @@ impl MapWriter {
     /// `published` already written. Only published bytes are ever read, and
     /// the file always reaches the published offset, so no read touches a
     /// page past its end.
-    pub(crate) fn new(file: &File, len: u64, published: u64) -> std::io::Result<Self> {
+    pub(super) fn new(file: &File, len: u64, published: u64) -> std::io::Result<Self> {
         let raw = MmapOptions::new()
             .len(usize::try_from(len).map_err(std::io::Error::other)?)
             .populate()
@@ -190,6 +190,19 @@ impl MapWriter {
     /// withdrawn; otherwise nothing is written and the error says why.
     pub(crate) fn write(&mut self, offset: u64, bytes: &[u8], backed: u64) -> std::io::Result<()> {
         self.map.write(offset, bytes, backed)
+    }
+
+    /// Declares the bytes below `offset` written; they must never be
+    /// written again, and the file is never truncated below `offset`.
+    pub(crate) fn publish(&mut self, offset: u64) {
+        self.map.publish(offset);
+    }
+
+    /// Makes every later [`ActiveMap::bytes`] call return `None` (the
+    /// store closed: the file may be cut by the next open). Slices already
+    /// handed out stay valid only as long as the file is not cut.
+    pub(crate) fn withdraw(&mut self) {
+        self.map.withdraw();
     }
 }
 
@@ -240,17 +253,14 @@ impl ActiveMap {
         }
     }
 
-    /// Declares the bytes below `offset` written; they must never be
-    /// written again, and the file is never truncated below `offset`.
-    pub(crate) fn publish(&self, offset: u64) {
+    /// [`MapWriter::publish`].
+    fn publish(&self, offset: u64) {
         self.published
             .fetch_max(offset.min(self.len), Ordering::Release);
     }
 
-    /// Makes every later [`bytes`](Self::bytes) call return `None` (the
-    /// store closed: the file may be cut by the next open). Slices already
-    /// handed out stay valid only as long as the file is not cut.
-    pub(crate) fn withdraw(&self) {
+    /// [`MapWriter::withdraw`].
+    fn withdraw(&self) {
         self.withdrawn.store(true, Ordering::Release);
         self.published.store(0, Ordering::Release);
     }

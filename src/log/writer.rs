@@ -342,8 +342,8 @@ impl ActiveSegment {
         .context(|| format!("append to segment {}", self.id))?;
         self.offset = end;
         self.backed = self.backed.max(end);
-        if let Some(map) = &self.map {
-            map.map().publish(self.offset);
+        if let Some(map) = &mut self.map {
+            map.publish(self.offset);
         }
         if let Some(crc) = &mut self.crc {
             crc.update(bytes);

@@ -1,7 +1,8 @@
 //! The write path: a queue of writers in which the first becomes the leader,
 //! takes every write queued behind it, appends them all with one `pwrite`,
 //! in `SyncMode::Always` makes them durable with one `fdatasync`, and only
-//! then publishes them to the index under one lock. Followers sleep until
+//! then publishes them to the index under one lock. Followers wait
+//! (yielding the CPU for a while when writes are synced, then parked) until
 //! the leader hands them their outcome. This is group commit (LevelDB and
 //! RocksDB use the same shape): concurrent writers share system calls, and a
 //! single writer pays only an uncontended lock.
@@ -209,7 +210,12 @@ impl Inner {
             slot
         };
         let queued = Instant::now();
-        let yield_for = (self.commit.sync_time() * 2).min(MAX_YIELDING);
+        // Only a synced group takes long enough for a yield to pay.
+        let yield_for = if self.options.sync_mode.waits_for_sync() {
+            (self.commit.sync_time() * 2).min(MAX_YIELDING)
+        } else {
+            Duration::ZERO
+        };
         let mut slow_yields = 0;
         loop {
             {
