@@ -177,7 +177,7 @@ impl MapWriter {
         })
     }
 
-    /// The map, for readers and for publishing.
+    /// The map, shared with readers.
     pub(crate) fn map(&self) -> &Arc<ActiveMap> {
         &self.map
     }
@@ -320,7 +320,7 @@ mod tests {
         assert!(writer.write(4095, b"xy", 4096).is_err(), "past the file");
         assert!(writer.write(8190, b"xyz", 1 << 20).is_err(), "past the map");
         assert!(writer.write(u64::MAX, b"x", u64::MAX).is_err(), "overflow");
-        map.withdraw();
+        writer.withdraw();
         assert!(writer.write(200, b"x", 4096).is_err(), "after close");
         assert_eq!(&std::fs::read(&path).unwrap()[96..106], b"\0\0\0\0record");
     }
