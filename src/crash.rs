@@ -13,10 +13,12 @@
 //!
 //! A crash keeps the durable state and, per [`Loss`], none, all, or a
 //! random prefix of each file's and folder's volatile changes, the last
-//! write kept possibly torn. This is the model of ALICE (OSDI 2014) and
-//! LazyFS (VLDB 2024) restricted to prefixes per file: it drops, cuts and
-//! tears unsynced writes and loses unsynced creates and renames, but does
-//! not reorder writes within one file.
+//! write kept possibly torn, or ([`Loss::Reordered`]) each 512-byte block
+//! of a file as of its own random number of the file's unsynced writes.
+//! This is the model of ALICE (OSDI 2014) and LazyFS (VLDB 2024): it drops,
+//! cuts, tears and reorders unsynced writes within a file and loses unsynced
+//! creates and renames. A folder's changes are kept as a prefix (a
+//! journaling file system commits them in order).
 //!
 //! Reads are not recorded: the recorder performs each call on the real
 //! file system (its root should be in memory, `/dev/shm`, for speed), so
@@ -428,7 +430,22 @@ pub enum Loss {
         /// Seeds the choices.
         seed: u64,
     },
+    /// Power loss after the page cache wrote back some unsynced blocks, in
+    /// any order: each [`BLOCK`]-byte block of a file holds its content as
+    /// of its own random number of the file's unsynced changes, and the
+    /// file's length is its length as of another; a later write can thus
+    /// survive while an earlier one beside it is lost or half there.
+    /// Folders keep a random prefix of their changes, as in
+    /// [`RandomPrefix`](Self::RandomPrefix). Deterministic in `seed`.
+    Reordered {
+        /// Seeds the choices.
+        seed: u64,
+    },
 }
+
+/// The unit a [`Loss::Reordered`] crash keeps or loses: a disk sector, so
+/// that a page half written back is covered too.
+pub const BLOCK: usize = 512;
 
 /// One change to a file's content.
 #[derive(Clone, Debug)]
@@ -628,7 +645,7 @@ impl Replay {
     /// What a crash at the current point leaves on disk.
     pub fn image(&self, loss: Loss) -> Image {
         let mut choices = Choices(match loss {
-            Loss::RandomPrefix { seed } => seed,
+            Loss::RandomPrefix { seed } | Loss::Reordered { seed } => seed,
             _ => 0,
         });
         let mut files = HashMap::new();
@@ -639,7 +656,7 @@ impl Replay {
         match loss {
             Loss::AllUnsynced => 0,
             Loss::Nothing => pending,
-            Loss::RandomPrefix { .. } => choices.upto(pending),
+            Loss::RandomPrefix { .. } | Loss::Reordered { .. } => choices.upto(pending),
         }
     }
 
@@ -683,6 +700,9 @@ impl Replay {
         let Some(state) = self.model.files.get(&node) else {
             return Vec::new();
         };
+        if let Loss::Reordered { .. } = loss {
+            return reordered(state, choices);
+        }
         let mut content = state.durable.clone();
         let keep = Self::keep(loss, choices, state.pending.len());
         for change in &state.pending[..keep] {
@@ -703,6 +723,47 @@ impl Replay {
         }
         content
     }
+}
+
+/// A file after a [`Loss::Reordered`] crash: block `b` as of `pick[b]`
+/// of the unsynced changes, the length as of another random count.
+fn reordered(state: &FileState, choices: &mut Choices) -> Vec<u8> {
+    let pending = &state.pending;
+    if pending.is_empty() {
+        return state.durable.clone();
+    }
+    // The file's length as of each count of changes applied.
+    let mut lens = Vec::with_capacity(pending.len() + 1);
+    lens.push(state.durable.len());
+    for change in pending {
+        let len = *lens.last().expect("one length pushed");
+        lens.push(match change {
+            FileChange::Write { offset, data } => len.max(*offset as usize + data.len()),
+            FileChange::SetLen(l) => *l as usize,
+        });
+    }
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    // Blocks grouped by the count of changes they are taken after.
+    let mut at: Vec<Vec<usize>> = vec![Vec::new(); pending.len() + 1];
+    for block in 0..longest.div_ceil(BLOCK) {
+        at[choices.upto(pending.len())].push(block);
+    }
+    let len = lens[choices.upto(pending.len())];
+    let mut out = vec![0u8; longest];
+    let mut content = state.durable.clone();
+    for (k, blocks) in at.iter().enumerate() {
+        if k > 0 {
+            apply_file(&mut content, &pending[k - 1]);
+        }
+        for &b in blocks {
+            // Past the file's end as of `k`, the block reads as zeros.
+            let start = (b * BLOCK).min(content.len());
+            let end = ((b + 1) * BLOCK).min(content.len());
+            out[start..end].copy_from_slice(&content[start..end]);
+        }
+    }
+    out.truncate(len);
+    out
 }
 
 impl Image {
@@ -818,6 +879,59 @@ mod tests {
             seen.insert((names[0].clone(), bytes.len()));
         }
         assert!(seen.len() > 4, "{seen:?}");
+    }
+
+    #[test]
+    fn a_reordered_crash_keeps_each_block_of_a_file_as_of_its_own_point() {
+        let root = tempfile::tempdir().unwrap();
+        let rec = Recorder::new(root.path()).unwrap();
+        let f = rec.create(&root.path().join("f"), true).unwrap();
+        rec.sync_dir(root.path()).unwrap();
+        // Three blocks synced as 'a's, then each block rewritten unsynced,
+        // the last one first, and the file extended by a fourth block.
+        rec.write_at(&f, &[b'a'; 3 * BLOCK], 0).unwrap();
+        rec.sync_data(&f).unwrap();
+        for (i, block) in [2usize, 1, 0].into_iter().enumerate() {
+            rec.write_at(&f, &[b'b' + i as u8; BLOCK], (block * BLOCK) as u64)
+                .unwrap();
+        }
+        rec.write_at(&f, &[b'z'; BLOCK], 3 * BLOCK as u64).unwrap();
+        let mut replay = rec.replay();
+        replay.advance_to(replay.len());
+        let image = |seed| {
+            let image = replay.image(Loss::Reordered { seed });
+            match image.entries.get(std::ffi::OsStr::new("f")) {
+                Some(Entry::File(_, b)) => (**b).clone(),
+                _ => panic!("the synced file is missing"),
+            }
+        };
+        let mut later_without_earlier = false;
+        let mut lengths = std::collections::BTreeSet::new();
+        for seed in 0..300 {
+            let bytes = image(seed);
+            lengths.insert(bytes.len());
+            // Never shorter than what was synced; every block is whole and
+            // holds the synced or one of its unsynced contents.
+            assert!(bytes.len() == 3 * BLOCK || bytes.len() == 4 * BLOCK);
+            let blocks: Vec<u8> = bytes.chunks(BLOCK).map(|c| c[0]).collect();
+            for (i, c) in bytes.chunks(BLOCK).enumerate() {
+                assert!(c.iter().all(|&b| b == c[0]), "block {i} is mixed");
+                let allowed: &[u8] = match i {
+                    0 => b"ad",
+                    1 => b"ac",
+                    2 => b"ab",
+                    _ => b"z\0",
+                };
+                assert!(allowed.contains(&c[0]), "block {i}: {:?}", c[0] as char);
+            }
+            // The first rewrite (block 2) lost while a later one (block 0)
+            // survived: the page cache wrote them back out of order.
+            later_without_earlier |= blocks[0] == b'd' && blocks[2] == b'a';
+        }
+        assert!(later_without_earlier, "never out of order");
+        assert_eq!(lengths.len(), 2, "{lengths:?}");
+        // The same seed gives the same image.
+        assert_eq!(image(7), image(7));
     }
 
     #[test]

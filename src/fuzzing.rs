@@ -948,12 +948,12 @@ pub fn ops_model(data: &[u8]) {
                     // as chosen, some unsynced changes), opened as a new
                     // store, must hold everything acknowledged.
                     let how = next().unwrap_or(0);
-                    let loss = match how % 3 {
+                    let seed = u64::from(how);
+                    let loss = match how % 4 {
                         0 => crate::crash::Loss::AllUnsynced,
                         1 => crate::crash::Loss::Nothing,
-                        _ => crate::crash::Loss::RandomPrefix {
-                            seed: u64::from(how),
-                        },
+                        2 => crate::crash::Loss::RandomPrefix { seed },
+                        _ => crate::crash::Loss::Reordered { seed },
                     };
                     let mut replay = recorder.replay();
                     replay.advance_to(replay.len());

@@ -17,6 +17,11 @@ const CHUNK: usize = 128;
 const MAX_VISITED: usize = 512;
 /// Value bytes copied per visit, so large values do not hold the lock long.
 const MAX_CHUNK_BYTES: usize = 1 << 20;
+/// Chunk buffer bytes an [`Iter`] keeps between chunks: enough for a chunk
+/// of small pairs, so a long iteration reuses it; a chunk of large values
+/// (up to [`MAX_CHUNK_BYTES`] and one record) is released rather than held
+/// for as long as the iterator lives.
+const KEPT_CHUNK_BYTES: usize = 64 << 10;
 const LIMITS: ChunkLimits = ChunkLimits {
     pairs: CHUNK,
     visited: MAX_VISITED,
@@ -188,6 +193,9 @@ impl Iter {
                 self.done = true;
             }
         }
+        if self.done || self.chunk.bytes.capacity() > KEPT_CHUNK_BYTES {
+            self.chunk = Chunk::default();
+        }
     }
 }
 
@@ -250,5 +258,56 @@ pub(crate) fn scan(
             }
             _ => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KvStore, Options, Store, SyncMode};
+
+    fn store_with(values: &[(&str, usize)]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            sync_mode: SyncMode::Never,
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        for &(key, len) in values {
+            let pair = KvPair {
+                key: key.into(),
+                value: vec![7; len],
+                expire_ts: 0,
+            };
+            store.put(&[pair]).unwrap();
+        }
+        (dir, store)
+    }
+
+    #[test]
+    fn an_iterator_keeps_a_small_chunk_buffer_and_releases_a_large_one() {
+        // 300 small pairs: the buffer of the first chunk is kept for the next.
+        let keys: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
+        let small: Vec<(&str, usize)> = keys.iter().map(|k| (k.as_str(), 10)).collect();
+        let (_dir, store) = store_with(&small);
+        let mut iter = store.iter(&IterationOptions::new()).unwrap();
+        iter.next().unwrap().unwrap();
+        let kept = iter.chunk.bytes.capacity();
+        assert!(kept > 0 && kept <= KEPT_CHUNK_BYTES, "{kept}");
+        assert_eq!(iter.count(), 299);
+
+        // Two chunks of 100 KiB values: neither buffer outlives its chunk,
+        // and an iterator that is done holds none.
+        let big_keys: Vec<String> = (0..24).map(|i| format!("b{i:02}")).collect();
+        let big: Vec<(&str, usize)> = big_keys.iter().map(|k| (k.as_str(), 100 << 10)).collect();
+        let (_dir, store) = store_with(&big);
+        let mut iter = store.iter(&IterationOptions::new()).unwrap();
+        let first = iter.next().unwrap().unwrap();
+        assert_eq!(first.value.len(), 100 << 10);
+        assert_eq!(iter.chunk.bytes.capacity(), 0);
+        assert!(iter.buffer.len() >= 9, "a 1 MiB chunk read ahead");
+        let rest: Vec<KvPair> = iter.by_ref().map(|p| p.unwrap()).collect();
+        assert_eq!(rest.len(), 23);
+        assert_eq!(iter.chunk.bytes.capacity(), 0);
     }
 }
