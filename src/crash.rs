@@ -14,7 +14,8 @@
 //! A crash keeps the durable state and, per [`Loss`], none, all, or a
 //! random prefix of each file's and folder's volatile changes, the last
 //! write kept possibly torn, or ([`Loss::Reordered`]) each 512-byte block
-//! of a file as of its own random number of the file's unsynced writes.
+//! of a file as of its own random number of the file's unsynced writes (a
+//! block is never torn within itself: disks write sectors whole).
 //! This is the model of ALICE (OSDI 2014) and LazyFS (VLDB 2024): it drops,
 //! cuts, tears and reorders unsynced writes within a file and loses unsynced
 //! creates and renames. A folder's changes are kept as a prefix (a
@@ -598,7 +599,8 @@ enum Entry {
     Dir(Image),
 }
 
-/// A small deterministic generator (SplitMix64) for [`Loss::RandomPrefix`].
+/// A small deterministic generator (SplitMix64) for [`Loss::RandomPrefix`]
+/// and [`Loss::Reordered`].
 struct Choices(u64);
 
 impl Choices {
@@ -725,8 +727,11 @@ impl Replay {
     }
 }
 
-/// A file after a [`Loss::Reordered`] crash: block `b` as of `pick[b]`
-/// of the unsynced changes, the length as of another random count.
+/// A file after a [`Loss::Reordered`] crash: each block as of its own
+/// random count of the unsynced changes, the length as of another. (A
+/// block's content past a pending shrink is taken as the shrink left it,
+/// zeros, even when the length chosen is from before it: stricter than a
+/// disk, which may still hold the old bytes there.)
 fn reordered(state: &FileState, choices: &mut Choices) -> Vec<u8> {
     let pending = &state.pending;
     if pending.is_empty() {
@@ -932,6 +937,77 @@ mod tests {
         assert_eq!(lengths.len(), 2, "{lengths:?}");
         // The same seed gives the same image.
         assert_eq!(image(7), image(7));
+    }
+
+    #[test]
+    fn every_block_of_a_reordered_image_is_that_block_of_some_version_of_the_file() {
+        let root = tempfile::tempdir().unwrap();
+        let rec = Recorder::new(root.path()).unwrap();
+        let f = rec.create(&root.path().join("f"), true).unwrap();
+        rec.sync_dir(root.path()).unwrap();
+        // A synced length that is no multiple of a block, then unsynced
+        // writes of every shape (inside a block, across block boundaries,
+        // past the end) and a shrink followed by growth.
+        rec.write_at(&f, &[1; 1000], 0).unwrap();
+        rec.sync_data(&f).unwrap();
+        let mut seed = 0x5EED_u64;
+        let mut versions = vec![vec![1u8; 1000]];
+        for step in 0..12u8 {
+            let mut v = versions.last().unwrap().clone();
+            if step == 6 {
+                rec.set_len(&f, 700).unwrap();
+                v.truncate(700);
+            } else {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let offset = (seed >> 33) as usize % 3000;
+                let len = 1 + (seed >> 20) as usize % 1500;
+                let data = vec![step + 2; len];
+                rec.write_at(&f, &data, offset as u64).unwrap();
+                apply_file(
+                    &mut v,
+                    &FileChange::Write {
+                        offset: offset as u64,
+                        data: data.into(),
+                    },
+                );
+            }
+            versions.push(v);
+        }
+        let mut replay = rec.replay();
+        replay.advance_to(replay.len());
+        let block_of = |v: &[u8], b: usize| -> Vec<u8> {
+            let mut block = v.get(b * BLOCK..).unwrap_or(&[]).to_vec();
+            block.resize(BLOCK, 0);
+            block.truncate(BLOCK);
+            block
+        };
+        let mut images = std::collections::BTreeSet::new();
+        let mut mixed = 0;
+        for seed in 0..200 {
+            let image = replay.image(Loss::Reordered { seed });
+            let Some(Entry::File(_, bytes)) = image.entries.get(std::ffi::OsStr::new("f")) else {
+                panic!("the synced file is missing");
+            };
+            assert!(
+                versions.iter().any(|v| v.len() == bytes.len()),
+                "length {} is no version's",
+                bytes.len()
+            );
+            let mut sources = std::collections::BTreeSet::new();
+            for (b, block) in bytes.chunks(BLOCK).enumerate() {
+                let from: Vec<usize> = (0..versions.len())
+                    .filter(|&k| block_of(&versions[k], b)[..block.len()] == *block)
+                    .collect();
+                assert!(!from.is_empty(), "seed {seed}: block {b} is no version's");
+                sources.insert(from[0]);
+            }
+            mixed += usize::from(sources.len() > 1);
+            images.insert((**bytes).clone());
+        }
+        assert!(mixed > 100, "only {mixed} images mix versions");
+        assert!(images.len() > 100, "only {} distinct images", images.len());
     }
 
     #[test]

@@ -723,7 +723,8 @@ pub fn change_records(data: &[u8]) {
 /// model after every step, and the store's figures (`stats()`) against
 /// the model after every merge; power losses (the store's folder replaced
 /// by a crash image from [`crate::crash`]: only what was synced, all of it,
-/// or random prefixes of unsynced changes with a torn write) and a failing
+/// random prefixes of unsynced changes with a torn write, or unsynced
+/// blocks written back out of order) and a failing
 /// next I/O call (EIO or ENOSPC in a put, a merge or a backup), each
 /// followed by a reopen. Writes are `SyncMode::Always`, so nothing
 /// acknowledged may be lost. Nothing is retained for followers, so merges
@@ -948,12 +949,16 @@ pub fn ops_model(data: &[u8]) {
                     // as chosen, some unsynced changes), opened as a new
                     // store, must hold everything acknowledged.
                     let how = next().unwrap_or(0);
-                    let seed = u64::from(how);
-                    let loss = match how % 4 {
+                    // The step number widens the seed beyond one byte; the
+                    // high bit picks reordered blocks over a prefix, so
+                    // that inputs written before it still mean a prefix
+                    // half of the time.
+                    let seed = u64::from(how) | (steps_taken as u64) << 8;
+                    let loss = match how % 3 {
                         0 => crate::crash::Loss::AllUnsynced,
                         1 => crate::crash::Loss::Nothing,
-                        2 => crate::crash::Loss::RandomPrefix { seed },
-                        _ => crate::crash::Loss::Reordered { seed },
+                        _ if how & 0x80 != 0 => crate::crash::Loss::Reordered { seed },
+                        _ => crate::crash::Loss::RandomPrefix { seed },
                     };
                     let mut replay = recorder.replay();
                     replay.advance_to(replay.len());

@@ -36,6 +36,9 @@ struct Chunk {
     /// Per pair: where its key starts in `bytes`, the key's and the
     /// value's lengths, its expiry.
     pairs: Vec<(usize, usize, usize, u64)>,
+    /// Bytes to reserve in `bytes` before the next chunk takes the lock
+    /// (an [`Iter`] that released a large buffer).
+    reserve: usize,
 }
 
 impl Chunk {
@@ -49,9 +52,14 @@ impl Chunk {
         exclusive: bool,
         prefix: Option<&[u8]>,
     ) -> Result<(Option<Vec<u8>>, bool)> {
-        let Chunk { bytes, pairs } = self;
+        let Chunk {
+            bytes,
+            pairs,
+            reserve,
+        } = self;
         bytes.clear();
         pairs.clear();
+        bytes.reserve(std::mem::take(reserve));
         inner.scan_chunk(cursor, exclusive, prefix, LIMITS, &mut |p| {
             pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
             bytes.extend_from_slice(p.key);
@@ -193,8 +201,13 @@ impl Iter {
                 self.done = true;
             }
         }
-        if self.done || self.chunk.bytes.capacity() > KEPT_CHUNK_BYTES {
+        if self.done {
             self.chunk = Chunk::default();
+        } else if self.chunk.bytes.capacity() > KEPT_CHUNK_BYTES {
+            // Released now, and allocated again at this size before the
+            // next chunk takes the index lock.
+            self.chunk.reserve = self.chunk.bytes.len();
+            self.chunk.bytes = Vec::new();
         }
     }
 }
@@ -305,6 +318,7 @@ mod tests {
         let first = iter.next().unwrap().unwrap();
         assert_eq!(first.value.len(), 100 << 10);
         assert_eq!(iter.chunk.bytes.capacity(), 0);
+        assert!(iter.chunk.reserve > 1 << 20, "the next chunk's size noted");
         assert!(iter.buffer.len() >= 9, "a 1 MiB chunk read ahead");
         let rest: Vec<KvPair> = iter.by_ref().map(|p| p.unwrap()).collect();
         assert_eq!(rest.len(), 23);

@@ -327,7 +327,11 @@ fn every_crash_point_of_a_workload_keeps_every_acknowledged_write() {
             Loss::AllUnsynced,
             Loss::Nothing,
             Loss::RandomPrefix { seed: point as u64 },
-            Loss::Reordered { seed: point as u64 },
+            // Another seed, so that folders do not keep the same prefix
+            // as in the image before.
+            Loss::Reordered {
+                seed: point as u64 ^ 0x5EED,
+            },
         ] {
             let label = format!(
                 "point {point} of {total} ({loss:?}), in flight: {}",
@@ -478,9 +482,10 @@ fn a_fault_at_every_io_call_of_the_workload_loses_no_acknowledged_write() {
 /// Under `SyncMode::Never` many records are unsynced at once, so a power
 /// loss can keep a later one while losing an earlier one (the page cache
 /// writes blocks back in any order). Recovery must then cut the log at the
-/// first hole: the store comes back as it was after some operation, at or
-/// after the last completed `sync`, with a change feed that has no gap and
-/// no record from beyond the hole.
+/// first hole: the store comes back as it was after some operation, no
+/// older than what the synced state alone holds, with a change feed that
+/// has no gap and no record from beyond the hole, and the records cut off
+/// stay gone after the next write and reopen.
 #[test]
 fn unsynced_writes_that_reach_the_disk_out_of_order_recover_to_a_point_in_history() {
     let ops = env("DKV_REORDER_OPS", 300);
@@ -494,52 +499,79 @@ fn unsynced_writes_that_reach_the_disk_out_of_order_recover_to_a_point_in_histor
     };
     let store = Store::open(root.path().join("db"), never(Some(recorder.clone()))).unwrap();
     let mut rng = Rng::new(0x0DD5);
-    // The contents and last change number after each operation, with the
-    // recorded changes made by then (the live feed serves synced changes
-    // only, so it is read once, at the end); and, per sync, the point it
-    // returned at and the operation it made durable.
+    // After each operation: the recorded changes made by then, the
+    // contents and last change number (the live feed serves synced changes
+    // only, so it is read once, at the end), and the value it put.
     let now = |store: &Store| -> (Model, u64) {
         (
             all_pairs(store).into_iter().collect(),
             store.last_change_number(),
         )
     };
-    let mut history = vec![(recorder.ops(), now(&store))];
-    let mut syncs = vec![(0, 0)];
+    let mut history = vec![(recorder.ops(), now(&store), None)];
     for i in 0..ops {
         let key = format!("k{:03}", rng.below(50));
         // Values of several sizes, so that records straddle blocks.
         let len = [8, 120, 700, 1900][rng.below(4) as usize];
         let value = rng.bytes(len);
-        if rng.below(10) == 0 {
+        let put = if rng.below(10) == 0 {
             store.delete(key.as_bytes()).unwrap();
+            None
         } else {
             store.put(&[pair(&key, &value)]).unwrap();
-        }
-        history.push((recorder.ops(), now(&store)));
+            Some(value)
+        };
+        history.push((recorder.ops(), now(&store), put));
         if i % 37 == 36 {
             store.sync().unwrap();
-            syncs.push((recorder.ops(), history.len() - 1));
         }
     }
     store.sync().unwrap();
-    syncs.push((recorder.ops(), history.len() - 1));
     let full_feed = state(&store, "at the end").feed;
     store.close().unwrap();
     assert_eq!(recorder.untracked(), 0, "a change bypassed the recorder");
 
+    // The index of the operation whose state `got` is, among `range`.
+    let find = |got: &State, range: std::ops::RangeInclusive<usize>, label: &str| -> usize {
+        let (from, to) = (*range.start(), *range.end());
+        history[range]
+            .iter()
+            .position(|h| h.1.0 == got.contents && h.1.1 == got.change_number)
+            .map(|k| from + k)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{label}: holds {:?}, which is no state from operation {from} to {to}",
+                    describe(&[got])
+                )
+            })
+    };
     let mut replay = recorder.replay();
     let total = replay.len();
-    let (mut images, mut cut) = (0, 0);
+    let (mut images, mut cut, mut kept_after_hole) = (0, 0, 0);
     let mut points: Vec<usize> = (0..=total).step_by(stride).collect();
     points.push(total);
     points.dedup();
     for point in points {
         replay.advance_to(point);
-        // At least the state the last completed sync made durable; at most
-        // that of the operation in flight.
-        let floor = syncs.iter().rev().find(|s| s.0 <= point).map_or(0, |s| s.1);
-        let ceiling = history.iter().take_while(|h| h.0 <= point).count();
+        // Operations `..applied` are wholly recorded by now; the one after
+        // them may be in flight.
+        let applied = history.iter().take_while(|h| h.0 <= point).count();
+        let ceiling = applied.min(history.len() - 1);
+        // The floor: what the synced state alone holds (syncs, rollovers
+        // and close all count).
+        let floor = {
+            let image = scratch();
+            let label = format!("point {point} of {total} (AllUnsynced)");
+            replay
+                .image(Loss::AllUnsynced)
+                .write_to(image.path())
+                .expect("write image");
+            let store = Store::open(image.path().join("db"), never(None))
+                .unwrap_or_else(|e| panic!("{label}: the image does not open: {e}"));
+            let k = find(&state(&store, &label), 0..=ceiling, &label);
+            store.close().unwrap();
+            k
+        };
         for seed in 0..seeds {
             let loss = Loss::Reordered {
                 seed: (point as u64) << 8 | seed,
@@ -550,18 +582,17 @@ fn unsynced_writes_that_reach_the_disk_out_of_order_recover_to_a_point_in_histor
                 .image(loss)
                 .write_to(image.path())
                 .expect("write image");
-            let store = Store::open(image.path().join("db"), never(None))
+            let files: Vec<Vec<u8>> = std::fs::read_dir(image.path().join("db"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| std::fs::read(e.path()).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut store = Store::open(image.path().join("db"), never(None))
                 .unwrap_or_else(|e| panic!("{label}: the image does not open: {e}"));
             let got = state(&store, &label);
-            let k = history[floor..=ceiling.min(history.len() - 1)]
-                .iter()
-                .position(|h| h.1 == (got.contents.clone(), got.change_number))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{label}: holds {:?}, which is no state from operation {floor} to {ceiling}",
-                        describe(&[&got])
-                    )
-                });
+            let k = find(&got, floor..=ceiling, &label);
             // The feed is the whole log up to that operation: no gap.
             let feed: Vec<u64> = full_feed
                 .iter()
@@ -569,18 +600,49 @@ fn unsynced_writes_that_reach_the_disk_out_of_order_recover_to_a_point_in_histor
                 .take_while(|&c| c <= got.change_number)
                 .collect();
             assert_eq!(got.feed, feed, "{label}: the change feed differs");
-            if floor + k < ceiling.min(history.len() - 1) {
+            if k + 1 < applied {
                 cut += 1;
+                // A value put after the first lost operation, still whole
+                // in the image: a later write reached the disk before an
+                // earlier one, and recovery cut it off with the hole.
+                let later = history[k + 2..=ceiling].iter().filter_map(|h| h.2.as_ref());
+                if later.filter(|v| v.len() >= 100).any(|v| {
+                    files
+                        .iter()
+                        .any(|f| f.windows(v.len()).any(|w| w == &v[..]))
+                }) {
+                    kept_after_hole += 1;
+                }
             }
+            // What was cut off stays gone after the next write and reopen.
+            store.put(&[pair("after", "crash")]).unwrap();
+            store.close().unwrap();
+            store = Store::open(image.path().join("db"), never(None))
+                .unwrap_or_else(|e| panic!("{label}: the store does not reopen: {e}"));
+            let again = state(&store, &label);
+            let mut expected = got.contents.clone();
+            expected.insert(b"after".to_vec(), b"crash".to_vec());
+            assert_eq!(
+                again.contents, expected,
+                "{label}: after a write and reopen"
+            );
+            assert_eq!(
+                again.feed[..again.feed.len() - 1],
+                got.feed[..],
+                "{label}: the feed after a write and reopen"
+            );
             store.close().unwrap();
             images += 1;
         }
     }
-    // Some images must have lost unsynced operations, or the test shows
-    // nothing.
+    // Images must have lost unsynced operations, and some must have held a
+    // later write past a hole, or the test shows nothing.
     assert!(
-        cut > images / 10,
-        "only {cut} of {images} images lost anything"
+        cut > images / 10 && kept_after_hole > 0,
+        "{cut} of {images} images lost an operation, {kept_after_hole} past a hole"
     );
-    println!("{images} reordered images of {total} recorded changes, {cut} cut back");
+    println!(
+        "{images} reordered images of {total} recorded changes: {cut} lost operations, \
+         {kept_after_hole} held a later write past a hole, cut off"
+    );
 }
