@@ -886,12 +886,30 @@ mod tests {
         assert!(seen.len() > 4, "{seen:?}");
     }
 
-    #[test]
-    fn a_reordered_crash_keeps_each_block_of_a_file_as_of_its_own_point() {
+    /// A recorder over a new folder holding one file `f`, its name synced.
+    fn recorded_file() -> (tempfile::TempDir, Arc<Recorder>, File) {
         let root = tempfile::tempdir().unwrap();
         let rec = Recorder::new(root.path()).unwrap();
         let f = rec.create(&root.path().join("f"), true).unwrap();
         rec.sync_dir(root.path()).unwrap();
+        (root, rec, f)
+    }
+
+    /// The content of `f` in the reordered image of `seed`.
+    fn reordered_file(replay: &Replay, seed: u64) -> Vec<u8> {
+        match replay
+            .image(Loss::Reordered { seed })
+            .entries
+            .get(std::ffi::OsStr::new("f"))
+        {
+            Some(Entry::File(_, b)) => (**b).clone(),
+            _ => panic!("the synced file is missing"),
+        }
+    }
+
+    #[test]
+    fn a_reordered_crash_keeps_each_block_of_a_file_as_of_its_own_point() {
+        let (_root, rec, f) = recorded_file();
         // Three blocks synced as 'a's, then each block rewritten unsynced,
         // the last one first, and the file extended by a fourth block.
         rec.write_at(&f, &[b'a'; 3 * BLOCK], 0).unwrap();
@@ -903,13 +921,7 @@ mod tests {
         rec.write_at(&f, &[b'z'; BLOCK], 3 * BLOCK as u64).unwrap();
         let mut replay = rec.replay();
         replay.advance_to(replay.len());
-        let image = |seed| {
-            let image = replay.image(Loss::Reordered { seed });
-            match image.entries.get(std::ffi::OsStr::new("f")) {
-                Some(Entry::File(_, b)) => (**b).clone(),
-                _ => panic!("the synced file is missing"),
-            }
-        };
+        let image = |seed| reordered_file(&replay, seed);
         let mut later_without_earlier = false;
         let mut lengths = std::collections::BTreeSet::new();
         for seed in 0..300 {
@@ -941,10 +953,7 @@ mod tests {
 
     #[test]
     fn every_block_of_a_reordered_image_is_that_block_of_some_version_of_the_file() {
-        let root = tempfile::tempdir().unwrap();
-        let rec = Recorder::new(root.path()).unwrap();
-        let f = rec.create(&root.path().join("f"), true).unwrap();
-        rec.sync_dir(root.path()).unwrap();
+        let (_root, rec, f) = recorded_file();
         // A synced length that is no multiple of a block, then unsynced
         // writes of every shape (inside a block, across block boundaries,
         // past the end) and a shrink followed by growth.
@@ -986,10 +995,7 @@ mod tests {
         let mut images = std::collections::BTreeSet::new();
         let mut mixed = 0;
         for seed in 0..200 {
-            let image = replay.image(Loss::Reordered { seed });
-            let Some(Entry::File(_, bytes)) = image.entries.get(std::ffi::OsStr::new("f")) else {
-                panic!("the synced file is missing");
-            };
+            let bytes = reordered_file(&replay, seed);
             assert!(
                 versions.iter().any(|v| v.len() == bytes.len()),
                 "length {} is no version's",
@@ -1004,7 +1010,7 @@ mod tests {
                 sources.insert(from[0]);
             }
             mixed += usize::from(sources.len() > 1);
-            images.insert((**bytes).clone());
+            images.insert(bytes);
         }
         assert!(mixed > 100, "only {mixed} images mix versions");
         assert!(images.len() > 100, "only {} distinct images", images.len());

@@ -18,9 +18,9 @@ const MAX_VISITED: usize = 512;
 /// Value bytes copied per visit, so large values do not hold the lock long.
 const MAX_CHUNK_BYTES: usize = 1 << 20;
 /// Chunk buffer bytes an [`Iter`] keeps between chunks: enough for a chunk
-/// of small pairs, so a long iteration reuses it; a chunk of large values
-/// (up to [`MAX_CHUNK_BYTES`] and one record) is released rather than held
-/// for as long as the iterator lives.
+/// of small pairs, so a long iteration reuses it; a larger buffer (up to
+/// [`MAX_CHUNK_BYTES`] and one record) is released between chunks and
+/// reserved again before the next one takes the lock.
 const KEPT_CHUNK_BYTES: usize = 64 << 10;
 const LIMITS: ChunkLimits = ChunkLimits {
     pairs: CHUNK,
