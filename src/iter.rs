@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::serverpb::{IterateRequest, KvPair};
-use crate::store::{ChunkLimits, Inner};
+use crate::store::{ChunkLimits, Inner, PairSink};
 
 /// Pairs copied per visit to the index: a 100-key prefix scan seeks the
 /// index once, with up to this many value loads in flight.
@@ -52,19 +52,10 @@ impl Chunk {
         exclusive: bool,
         prefix: Option<&[u8]>,
     ) -> Result<(Option<Vec<u8>>, bool)> {
-        let Chunk {
-            bytes,
-            pairs,
-            reserve,
-        } = self;
-        bytes.clear();
-        pairs.clear();
-        bytes.reserve(std::mem::take(reserve));
-        inner.scan_chunk(cursor, exclusive, prefix, LIMITS, &mut |p| {
-            pairs.push((bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
-            bytes.extend_from_slice(p.key);
-            bytes.extend_from_slice(p.value);
-        })
+        self.bytes.clear();
+        self.pairs.clear();
+        self.bytes.reserve(std::mem::take(&mut self.reserve));
+        inner.scan_chunk(cursor, exclusive, prefix, LIMITS, self)
     }
 
     /// The pairs copied, in key order.
@@ -79,6 +70,20 @@ impl Chunk {
                     expire_ts,
                 }
             })
+    }
+}
+
+impl PairSink for Chunk {
+    fn reserve(&mut self, pairs: usize, bytes: usize) {
+        self.pairs.reserve(pairs);
+        self.bytes.reserve(bytes);
+    }
+
+    fn push(&mut self, p: PairRef<'_>) {
+        self.pairs
+            .push((self.bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
+        self.bytes.extend_from_slice(p.key);
+        self.bytes.extend_from_slice(p.value);
     }
 }
 

@@ -498,6 +498,12 @@ impl KeyDir {
     }
 
     fn leaf_for(&self, key: &[u8]) -> u32 {
+        self.fence_below(key).1
+    }
+
+    /// The last fence at or below `key` and its leaf: the leaf that holds
+    /// `key` if anything does.
+    fn fence_below(&self, key: &[u8]) -> (&FenceKey, u32) {
         let below = if key.len() <= FENCE_INLINE {
             // An inline probe: the search compares integers, not slices.
             self.fences
@@ -508,7 +514,8 @@ impl KeyDir {
                 .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
                 .next_back()
         };
-        *below.expect("the empty fence covers every key").1
+        let (fence, &id) = below.expect("the empty fence covers every key");
+        (fence, id)
     }
 
     /// The entry of `key`.
@@ -622,32 +629,35 @@ impl KeyDir {
         exclusive: bool,
         mut f: impl FnMut(&'a [u8], KeyEntry) -> bool,
     ) {
-        let first = self.leaf_for(from);
-        let start_fence: &[u8] = self
-            .fences
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(from)))
-            .next_back()
-            .map(|(k, _)| k.as_slice())
-            .unwrap_or(&[]);
+        // One search finds the first leaf; the fences after it are looked
+        // up only if the scan runs past that leaf.
+        let (fence, first) = self.fence_below(from);
         let leaf = &self.leaves[first as usize];
-        let mut i = match leaf.search(from) {
+        let start = match leaf.search(from) {
             Ok(i) if exclusive => i + 1,
             Ok(i) | Err(i) => i,
         };
-        for id in std::iter::once(first).chain(
-            self.fences
-                .range::<[u8], _>((Bound::Excluded(start_fence), Bound::Unbounded))
-                .map(|(_, &id)| id),
-        ) {
-            let leaf = &self.leaves[id as usize];
-            while i < leaf.offs.len() {
-                if !f(leaf.key(i), leaf.entry(i)) {
-                    return;
-                }
-                i += 1;
-            }
-            i = 0;
+        if !Self::visit_leaf(leaf, start, &mut f) {
+            return;
         }
+        for (_, &id) in self
+            .fences
+            .range::<FenceKey, _>((Bound::Excluded(fence), Bound::Unbounded))
+        {
+            if !Self::visit_leaf(&self.leaves[id as usize], 0, &mut f) {
+                return;
+            }
+        }
+    }
+
+    /// Calls `f` with the keys of `leaf` from its `start`-th on; returns
+    /// `false` as soon as `f` does.
+    fn visit_leaf<'a>(
+        leaf: &'a Leaf,
+        start: usize,
+        f: &mut impl FnMut(&'a [u8], KeyEntry) -> bool,
+    ) -> bool {
+        (start..leaf.offs.len()).all(|i| f(leaf.key(i), leaf.entry(i)))
     }
 }
 

@@ -33,7 +33,7 @@ use crate::iter::{Iter, IterationOptions, PairRef};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
     ActiveMap, ActiveSegment, DirLock, FileSystem, GroupCommit, SealedSegment, SegmentId,
-    SegmentPlan, Spare, sync_dir,
+    SegmentPlan, Spare, prefetch, sync_dir,
 };
 use crate::metrics::Op;
 use crate::options::{Clock, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SyncMode};
@@ -315,13 +315,10 @@ impl SegmentReader {
         }
     }
 
-    /// One byte from each cache line of the operation at `pointer` (up to
-    /// `TOUCHED_LINES` of them) when it is mapped, folded together (0
-    /// otherwise): independent loads that bring the lines in, so that a
-    /// scan's misses overlap before its checksums read the bytes.
-    fn touch(&self, pointer: RecordPointer) -> u8 {
-        const LINE: usize = 64;
-        const TOUCHED_LINES: usize = 8;
+    /// Starts loading the operation at `pointer` into the cache when it is
+    /// mapped (see [`prefetch`]), so that a scan's misses overlap before
+    /// its checksums read the bytes.
+    fn prefetch(&self, pointer: RecordPointer) {
         let bytes = match self {
             SegmentReader::Sealed(s) => s
                 .bytes()
@@ -332,13 +329,9 @@ impl SegmentReader {
             }
             SegmentReader::Active(_, None) => None,
         };
-        bytes.map_or(0, |b| {
-            b.iter()
-                .step_by(LINE)
-                .take(TOUCHED_LINES)
-                .chain(b.last())
-                .fold(0, |x, &y| x ^ y)
-        })
+        if let Some(b) = bytes {
+            prefetch(b);
+        }
     }
 
     /// A sealed segment's whole file.
@@ -394,6 +387,16 @@ pub(crate) struct ChunkLimits {
     /// Bytes of the records copied (operation header, key and value;
     /// checked before each pair, so one large value still makes progress).
     pub(crate) bytes: usize,
+}
+
+/// Where [`Inner::scan_chunk`] copies a chunk's pairs.
+pub(crate) trait PairSink {
+    /// Room for `pairs` more pairs of at most `bytes` key and value bytes
+    /// in all, asked for once before they come (so a chunk's buffer grows
+    /// once, not pair by pair).
+    fn reserve(&mut self, pairs: usize, bytes: usize);
+    /// One pair, in key order.
+    fn push(&mut self, pair: PairRef<'_>);
 }
 
 struct Syncer {
@@ -1009,7 +1012,8 @@ impl Inner {
         Ok(known)
     }
 
-    /// Copies live pairs at or after `cursor` into `out`, stopping after
+    /// Copies live pairs at or after `cursor` into `out` (told first how
+    /// many pairs and at most how many bytes follow), stopping after
     /// `limits.pairs` pairs, `limits.visited` index entries or
     /// `limits.bytes` value bytes, whichever comes first. Returns the last
     /// key looked at (the resume point) and whether the scan reached the end
@@ -1020,7 +1024,7 @@ impl Inner {
         exclusive: bool,
         prefix: Option<&[u8]>,
         limits: ChunkLimits,
-        out: &mut dyn FnMut(PairRef<'_>),
+        out: &mut dyn PairSink,
     ) -> Result<(Option<Vec<u8>>, bool)> {
         self.check_open()?;
         let now = self.options.clock.now();
@@ -1031,7 +1035,10 @@ impl Inner {
         let mut visited = 0;
         let mut bytes = 0;
         // First the chunk's keys, where their values lie and the readers of
-        // their segments (looked up once per run of keys in one segment)...
+        // their segments (looked up once per run of keys in one segment),
+        // each value's cache lines asked for as soon as its place is known,
+        // so that their misses (values of neighbouring keys lie anywhere in
+        // the log) overlap with each other and with the walk of the index...
         let mut found: Vec<(&[u8], RecordPointer, Option<&SegmentReader>)> =
             Vec::with_capacity(limits.pairs);
         let mut segment: Option<(SegmentId, Option<&SegmentReader>)> = None;
@@ -1059,25 +1066,18 @@ impl Inner {
                     reader
                 }
             };
+            if let Some(r) = reader {
+                r.prefetch(entry.pointer);
+            }
             found.push((key, entry.pointer, reader));
             true
         });
-        // ...then the values' cache lines loaded, in a tight loop of
-        // independent loads, so that their misses (values of neighbouring
-        // keys lie anywhere in the log) overlap instead of coming one after
-        // another...
-        let mut touched = 0u8;
-        for &(_, pointer, reader) in &found {
-            if let Some(r) = reader {
-                touched ^= r.touch(pointer);
-            }
-        }
-        std::hint::black_box(touched);
         // ...then the values, checked and copied.
+        out.reserve(found.len(), bytes);
         let mut buf = Vec::new();
         for (key, pointer, reader) in found {
             let (value, expire_ts) = read_op_in(reader, &self.dir, key, pointer, &mut buf)?;
-            out(PairRef {
+            out.push(PairRef {
                 key,
                 value,
                 expire_ts,
