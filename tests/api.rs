@@ -193,6 +193,46 @@ fn multi_get_omits_missing_and_expired_keys_without_gaps_and_repeats_duplicates(
     assert_eq!(found, vec![pair("c", "3"), pair("a", "1"), pair("c", "3")]);
 }
 
+/// A multi-get longer than the engine's lookup window (32 keys) returns
+/// exactly the found keys, in request order, from sealed segments and the
+/// active one, with missing, expired and repeated keys interleaved.
+#[test]
+fn a_long_multi_get_across_segments_returns_exactly_the_found_keys_in_request_order() {
+    let (clock, time) = manual_clock(NOW);
+    let t = temp_store(Options {
+        clock,
+        segment_size: 4096,
+        ..test_options()
+    });
+    for i in 0..300u64 {
+        let expire_ts = if i % 7 == 3 { NOW + 2 } else { 0 };
+        let value = format!("value {i} {}", "x".repeat((i % 50) as usize));
+        t.store
+            .put(&[pair_ttl(format!("key{i:03}"), value, expire_ts)])
+            .unwrap();
+    }
+    time.store(NOW + 2, Ordering::Relaxed);
+    // Every third request is a key never written, every fifth a repeat of
+    // an earlier one; the rest in a scrambled order.
+    let request: Vec<String> = (0..250u64)
+        .map(|j| match j {
+            j if j % 3 == 0 => format!("none{j}"),
+            j if j % 5 == 0 => format!("key{:03}", (j * 37) % 300),
+            j => format!("key{:03}", (j * 97 + 11) % 300),
+        })
+        .collect();
+    let expected: Vec<KvPair> = request
+        .iter()
+        .filter_map(|k| {
+            let i: u64 = k.strip_prefix("key")?.parse().unwrap();
+            (i % 7 != 3).then(|| pair(k, format!("value {i} {}", "x".repeat((i % 50) as usize))))
+        })
+        .collect();
+    assert!(expected.len() > 3 * 32, "spans several windows");
+    let refs: Vec<&[u8]> = request.iter().map(|k| k.as_bytes()).collect();
+    assert_eq!(t.store.get(&refs).unwrap(), expected);
+}
+
 /// Port of DKV `TestMissingGet` (RT:598-605, BT:169-176, service
 /// `testMissingGet`).
 #[test]
