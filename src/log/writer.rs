@@ -277,7 +277,7 @@ impl ActiveSegment {
     /// long yet: readers read only below the published offset, and the
     /// writer copies only below `backed`, both of which the file reaches.
     fn map_file(&mut self) -> Result<()> {
-        let map = MapWriter::new(&self.file, self.capacity, self.offset)
+        let map = MapWriter::new(&self.file, self.capacity, self.offset, self.map_appends)
             .context(|| format!("map segment {}", self.path.display()))?;
         self.map = Some(map);
         Ok(())
