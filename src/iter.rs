@@ -10,7 +10,7 @@ use crate::serverpb::{IterateRequest, KvPair};
 use crate::store::{ChunkLimits, Inner, PairSink};
 
 /// Pairs copied per visit to the index: a 100-key prefix scan seeks the
-/// index once, with up to this many value loads in flight.
+/// index once and prefetches all its values before reading the first.
 const CHUNK: usize = 128;
 /// Index entries looked at per visit (expired ones are skipped), so one
 /// visit stays short even across long runs of expired keys.
@@ -39,6 +39,9 @@ struct Chunk {
     /// Bytes to reserve in `bytes` before the next chunk takes the lock
     /// (an [`Iter`] that released a large buffer).
     reserve: usize,
+    /// The record bytes the last chunk reserved room for (at least its
+    /// keys' and values' bytes): what the next chunk of like pairs asks.
+    asked: usize,
 }
 
 impl Chunk {
@@ -75,6 +78,7 @@ impl Chunk {
 
 impl PairSink for Chunk {
     fn reserve(&mut self, pairs: usize, bytes: usize) {
+        self.asked = bytes;
         self.pairs.reserve(pairs);
         self.bytes.reserve(bytes);
     }
@@ -209,9 +213,11 @@ impl Iter {
         if self.done {
             self.chunk = Chunk::default();
         } else if self.chunk.bytes.capacity() > KEPT_CHUNK_BYTES {
-            // Released now, and allocated again at this size before the
-            // next chunk takes the index lock.
-            self.chunk.reserve = self.chunk.bytes.len();
+            // Released now, and allocated again before the next chunk
+            // takes the index lock, at the size this chunk asked for (its
+            // records' bytes, not just the keys' and values' it holds), so
+            // that a chunk of like pairs does not grow it under the lock.
+            self.chunk.reserve = self.chunk.asked;
             self.chunk.bytes = Vec::new();
         }
     }
@@ -323,10 +329,44 @@ mod tests {
         let first = iter.next().unwrap().unwrap();
         assert_eq!(first.value.len(), 100 << 10);
         assert_eq!(iter.chunk.bytes.capacity(), 0);
-        assert!(iter.chunk.reserve > 1 << 20, "the next chunk's size noted");
+        let noted = iter.chunk.reserve;
+        assert!(noted > 1 << 20, "the next chunk's size noted");
         assert!(iter.buffer.len() >= 9, "a 1 MiB chunk read ahead");
+        // The second chunk (pairs like the first's) asks for no more than
+        // was reserved before it took the lock: nothing grows under it.
+        for _ in 0..=iter.buffer.len() {
+            iter.next().unwrap().unwrap();
+        }
+        assert!(iter.chunk.asked > 0 && iter.chunk.asked <= noted);
         let rest: Vec<KvPair> = iter.by_ref().map(|p| p.unwrap()).collect();
-        assert_eq!(rest.len(), 23);
+        assert!(rest.len() < 23);
         assert_eq!(iter.chunk.bytes.capacity(), 0);
+    }
+
+    #[test]
+    fn a_chunk_buffer_grows_once_to_the_bytes_it_is_told_of() {
+        let keys: Vec<String> = (0..200).map(|i| format!("k{i:03}")).collect();
+        let pairs: Vec<(&str, usize)> = keys.iter().map(|k| (k.as_str(), 50)).collect();
+        let (_dir, store) = store_with(&pairs);
+        let mut chunk = Chunk::default();
+        let (last, finished) = chunk.read(&store.inner, b"", false, None).unwrap();
+        assert!(!finished);
+        assert_eq!(chunk.pairs.len(), CHUNK);
+        // One growth, to exactly what was asked: doubling pair by pair
+        // would leave a power of two, and a short reservation a larger one.
+        assert_eq!(chunk.bytes.capacity(), chunk.asked);
+        assert!(chunk.bytes.len() <= chunk.asked);
+        let asked = chunk.asked;
+        chunk.bytes = Vec::new();
+        chunk.reserve = asked;
+        chunk
+            .read(&store.inner, &last.unwrap(), true, None)
+            .unwrap();
+        assert_eq!(chunk.pairs.len(), 200 - CHUNK);
+        assert_eq!(
+            chunk.bytes.capacity(),
+            asked,
+            "reserved before the lock, kept"
+        );
     }
 }

@@ -772,6 +772,70 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_from_any_fence_or_its_neighbours_matches_the_model_across_leaves() {
+        // Keys of two lengths (some past the inline fence size), then a
+        // run removed so that whole leaves empty out and drop their fences.
+        let mut kd = KeyDir::new();
+        let mut model = Model::new();
+        for i in 0..6000u64 {
+            let key = if i % 3 == 0 {
+                format!("key{i:05}-with-a-longer-tail").into_bytes()
+            } else {
+                format!("key{i:05}").into_bytes()
+            };
+            kd.insert(&key, entry(i));
+            model.insert(key, entry(i));
+        }
+        for i in 2000..3500u64 {
+            for key in [
+                format!("key{i:05}").into_bytes(),
+                format!("key{i:05}-with-a-longer-tail").into_bytes(),
+            ] {
+                assert_eq!(kd.remove(&key), model.remove(&key));
+            }
+        }
+        let fences: Vec<Vec<u8>> = kd.fences.keys().map(|f| f.as_slice().to_vec()).collect();
+        assert!(fences.len() > 10, "several leaves: {}", fences.len());
+        let mut starts = vec![Vec::new(), b"zzz".to_vec(), b"key02500".to_vec()];
+        for f in &fences {
+            starts.push(f.clone());
+            let mut after = f.clone();
+            after.push(0);
+            starts.push(after);
+            if let Some(shorter) = f.split_last().map(|(_, rest)| rest.to_vec()) {
+                starts.push(shorter);
+            }
+            let below = (Bound::Unbounded, Bound::Excluded(f.as_slice()));
+            starts.extend(
+                model
+                    .range::<[u8], _>(below)
+                    .next_back()
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        for from in &starts {
+            for exclusive in [false, true] {
+                let lower = if exclusive {
+                    Bound::Excluded(from.as_slice())
+                } else {
+                    Bound::Included(from.as_slice())
+                };
+                let want: Vec<(Vec<u8>, KeyEntry)> = model
+                    .range::<[u8], _>((lower, Bound::Unbounded))
+                    .take(300)
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+                let mut got = Vec::new();
+                kd.scan_from(from, exclusive, |k, e| {
+                    got.push((k.to_vec(), e));
+                    got.len() < 300
+                });
+                assert_eq!(got, want, "from {from:?}, exclusive {exclusive}");
+            }
+        }
+    }
+
+    #[test]
     fn removing_everything_leaves_an_empty_usable_index() {
         let mut kd = KeyDir::new();
         for i in 0..3000u64 {

@@ -316,8 +316,8 @@ impl SegmentReader {
     }
 
     /// Starts loading the operation at `pointer` into the cache when it is
-    /// mapped (see [`prefetch`]), so that a scan's misses overlap before
-    /// its checksums read the bytes.
+    /// mapped (see [`prefetch`]), so that the misses of a scan's or a bulk
+    /// get's values overlap before their checksums read the bytes.
     fn prefetch(&self, pointer: RecordPointer) {
         let bytes = match self {
             SegmentReader::Sealed(s) => s

@@ -19,7 +19,7 @@ use dkv_cask::format::{OP_HEADER_LEN, RECORD_HEADER_LEN};
 use dkv_cask::serverpb::KvPair;
 use dkv_cask::{
     Error, IterationOptions, KvStore, MAX_KEY_LEN, MAX_VALUE_LEN, Options, SEGMENT_HEADER_BYTES,
-    Store,
+    Store, SyncMode,
 };
 
 /// The manual clock's "now" in the expiry tests, in Unix seconds.
@@ -195,12 +195,20 @@ fn multi_get_omits_missing_and_expired_keys_without_gaps_and_repeats_duplicates(
 
 /// A multi-get longer than the engine's lookup window (32 keys) returns
 /// exactly the found keys, in request order, from sealed segments and the
-/// active one, with missing, expired and repeated keys interleaved.
+/// active one, with missing, expired and repeated keys interleaved; under
+/// `Always` too, whose active segment's map is not populated up front.
 #[test]
 fn a_long_multi_get_across_segments_returns_exactly_the_found_keys_in_request_order() {
+    for sync_mode in [SyncMode::Never, SyncMode::Always] {
+        long_multi_get(sync_mode);
+    }
+}
+
+fn long_multi_get(sync_mode: SyncMode) {
     let (clock, time) = manual_clock(NOW);
     let t = temp_store(Options {
         clock,
+        sync_mode,
         segment_size: 4096,
         ..test_options()
     });

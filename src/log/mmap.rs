@@ -1,4 +1,5 @@
-//! Memory maps of segments: the crate's only `unsafe` code.
+//! Memory maps of segments, and the prefetch hint readers issue for
+//! mapped records: the crate's only `unsafe` code.
 //!
 //! A sealed segment is never written again; it is only read and, later,
 //! deleted, so it is mapped whole and read-only. The active segment is
@@ -114,11 +115,13 @@ impl Drop for SealedSegment {
     }
 }
 
-/// Asks the CPU to start loading the cache lines of `bytes` (the first and
-/// the last, and those between up to [`PREFETCHED_LINES`] in all) without
-/// waiting for them: a hint, so that the misses of many records read from a
-/// map in a row overlap instead of coming one after another. It changes no
-/// state a program can observe and never faults.
+/// Asks the CPU to start loading the cache lines of `bytes` without waiting
+/// for them: its first [`PREFETCHED_LINES`] lines and its last byte's line.
+/// A hint, so that the misses of many records read from a map in a row
+/// overlap instead of coming one after another; it changes nothing a
+/// program can observe and never faults. A prefetch retires at once but
+/// takes one of the core's miss buffers, so a long run of them stalls when
+/// those are all busy. On other architectures than x86_64 it does nothing.
 pub(crate) fn prefetch(bytes: &[u8]) {
     const LINE: usize = 64;
     let Some(last) = bytes.len().checked_sub(1) else {
@@ -132,8 +135,10 @@ pub(crate) fn prefetch(bytes: &[u8]) {
     prefetch_line(&bytes[last]);
 }
 
-/// At most this many lines of one record are prefetched (a larger value is
-/// read in order, which the hardware prefetcher follows by itself).
+/// Lines prefetched from the start of one record, besides its last one (a
+/// larger value is read in order, which the hardware prefetcher follows by
+/// itself). Chosen, not measured: the records measured (136 bytes) span at
+/// most three lines; the load pass this replaced touched up to eight.
 pub(crate) const PREFETCHED_LINES: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
@@ -146,10 +151,11 @@ fn prefetch_line(byte: &u8) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(byte).cast()) }
 }
 
+/// Nothing: a plain load here would wait for its miss inside the caller's
+/// loop (DESIGN.md 4 measured that as slower than no load) and could fault.
 #[cfg(not(target_arch = "x86_64"))]
 fn prefetch_line(byte: &u8) {
-    // A load whose result is kept: the line comes in all the same.
-    std::hint::black_box(*byte);
+    let _ = byte;
 }
 
 #[expect(unsafe_code, reason = "memmap2 cannot prove the file is not modified")]
@@ -201,14 +207,16 @@ impl MapWriter {
     /// the file always reaches the published offset, so no read touches a
     /// page past its end.
     ///
-    /// With `populate` every page is mapped up front (`MAP_POPULATE`), so
-    /// copies into the map do not fault page by page. A writer that appends
-    /// with `pwrite` and syncs each append (`SyncMode::Always`) passes
-    /// `false`: the kernel write-protects every mapping of a page it writes
-    /// back, so a mapped tail page costs each `fdatasync` a walk of the
-    /// page's mappings and a TLB flush (durable puts ran at 0.93× the raw
-    /// `pwrite` + `fdatasync` rate with the map populated, 1.02× without;
-    /// DESIGN.md 2.4). Readers then fault pages in as they first read them.
+    /// With `populate` every page the file holds when it is mapped is
+    /// mapped up front (`MAP_POPULATE`), so copies into the map do not
+    /// fault page by page. A writer that appends with `pwrite` (the
+    /// `map_appends` option off, or `SyncMode::Always`) passes `false`: the
+    /// kernel write-protects every mapping of a page it writes back, so a
+    /// mapped tail page costs each `fdatasync` a walk of the page's
+    /// mappings and a TLB flush (1-writer durable puts gained 4–10 % without
+    /// them; DESIGN.md 2.4). Readers then fault pages in as they first read
+    /// them, and a tail page a reader has read is write-protected again at
+    /// each sync.
     pub(super) fn new(
         file: &File,
         len: u64,
