@@ -9,7 +9,7 @@ use std::ops::Bound;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use crate::log::SegmentId;
+use crate::log::{SegmentId, prefetch_all};
 
 /// Where a record's operation lives: `len` bytes at `offset` of `segment`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +155,11 @@ impl Leaf {
                 Ordering::Equal => {}
             }
         }
+        // Each step of the search loads the hint the step before chose, so
+        // their cache misses would come one after another: ask for all of
+        // the hints' lines first, so that the misses overlap and the search
+        // finds its lines on the way.
+        prefetch_all(&self.hints);
         let h = hint_of(key, at);
         let (mut lo, mut hi) = (0, n);
         while lo < hi {

@@ -1,5 +1,5 @@
-//! Memory maps of segments, and the prefetch hint readers issue for
-//! mapped records: the crate's only `unsafe` code.
+//! Memory maps of segments, and the prefetch hints readers issue for
+//! mapped records and the index's leaves: the crate's only `unsafe` code.
 //!
 //! A sealed segment is never written again; it is only read and, later,
 //! deleted, so it is mapped whole and read-only. The active segment is
@@ -129,10 +129,26 @@ pub(crate) fn prefetch(bytes: &[u8]) {
     };
     let mut at = 0;
     while at < last && at < PREFETCHED_LINES * LINE {
-        prefetch_line(&bytes[at]);
+        prefetch_line(&raw const bytes[at]);
         at += LINE;
     }
-    prefetch_line(&bytes[last]);
+    prefetch_line(&raw const bytes[last]);
+}
+
+/// Asks for every cache line of `items` at once, as [`prefetch`] does for a
+/// record: for a binary search, whose steps each load what the step before
+/// chose, so that its misses overlap (the index's leaf search, DESIGN.md 4).
+pub(crate) fn prefetch_all<T>(items: &[T]) {
+    const LINE: usize = 64;
+    let Some(last) = items.last() else {
+        return;
+    };
+    for item in items.iter().step_by((LINE / size_of::<T>().max(1)).max(1)) {
+        prefetch_line(std::ptr::from_ref(item).cast());
+    }
+    // The slice need not start on a line: its last line may hold no item
+    // the steps above landed on.
+    prefetch_line(std::ptr::from_ref(last).cast());
 }
 
 /// Lines prefetched from the start of one record, besides its last one (a
@@ -143,18 +159,19 @@ pub(crate) const PREFETCHED_LINES: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 #[expect(unsafe_code, reason = "the prefetch intrinsic is an unsafe function")]
-fn prefetch_line(byte: &u8) {
+fn prefetch_line(byte: *const u8) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
     // SAFETY: `prefetch` is part of SSE, which every x86_64 CPU has. It is
     // a hint: it reads nothing the program sees, writes nothing and never
-    // faults, whatever the address; here the address is a live reference.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(byte).cast()) }
+    // faults, whatever the address; callers pass the address of a live
+    // reference.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(byte.cast()) }
 }
 
 /// Nothing: a plain load here would wait for its miss inside the caller's
 /// loop (DESIGN.md 4 measured that as slower than no load) and could fault.
 #[cfg(not(target_arch = "x86_64"))]
-fn prefetch_line(byte: &u8) {
+fn prefetch_line(byte: *const u8) {
     let _ = byte;
 }
 
@@ -371,6 +388,23 @@ mod tests {
         prefetch(&map[heap.len() - 1..]);
         prefetch(&map[..]);
         assert_eq!(&map[..], &heap[..], "prefetching changes nothing");
+    }
+
+    #[test]
+    fn prefetching_every_line_of_any_slice_changes_nothing() {
+        // Empty, shorter than a line, across lines, at an odd start, of
+        // items wider than a line and of items with no size.
+        let hints: Vec<u32> = (0..100).collect();
+        for len in [0, 1, 15, 16, 17, 99] {
+            prefetch_all(&hints[1..1 + len]);
+        }
+        prefetch_all(&[[7u8; 100]; 5]);
+        prefetch_all(&[(); 3]);
+        prefetch_all::<u64>(&[]);
+        assert!(
+            hints.iter().copied().eq(0..100),
+            "prefetching changes nothing"
+        );
     }
 
     #[test]

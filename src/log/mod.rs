@@ -19,7 +19,7 @@ pub(crate) use fs::{COPYING_SUFFIX, copy_synced, create_dir_all, remove_dir_all,
 pub use fs::{FileSystem, StdFileSystem};
 pub(crate) use fsutil::{DirLock, SyncFailedMarker, sync_dir, truncate_synced};
 pub use fsutil::{LOCK_FILE, SYNC_FAILED_FILE};
-pub(crate) use mmap::{ActiveMap, SealedSegment, prefetch};
+pub(crate) use mmap::{ActiveMap, SealedSegment, prefetch, prefetch_all};
 pub use writer::SPARE_FILE;
 pub(crate) use writer::{ActiveSegment, GroupCommit, SegmentPlan, Spare};
 
