@@ -203,14 +203,15 @@ fn gets(engine: &dyn Engine, keys: &[u64], threads: usize, missing: bool) -> f64
     rate(keys.len() as u64, start.elapsed())
 }
 
-/// Puts of new keys from `writers` threads for `time`; ops/s.
+/// Puts of new keys from `writers` threads for `time`: how many, in how
+/// long.
 fn sync_puts(
     engine: &dyn Engine,
     values: &Values,
     writers: usize,
     time: Duration,
     next: &mut u64,
-) -> f64 {
+) -> (u64, Duration) {
     let base = *next;
     let start = Instant::now();
     let deadline = start + time;
@@ -234,9 +235,131 @@ fn sync_puts(
             .collect()
     });
     let elapsed = start.elapsed();
-    let total: u64 = counts.iter().sum();
     *next += (counts.iter().max().copied().unwrap_or(0) + 1) * writers as u64;
-    rate(total, elapsed)
+    (counts.iter().sum(), elapsed)
+}
+
+/// Length of one slice of the sync rows.
+const SYNC_SLICE: Duration = Duration::from_millis(250);
+
+/// The sync rows of one repetition: every engine's store open at once, the
+/// engines taking turns in slices of [`SYNC_SLICE`] (in a rotated order),
+/// `--seconds` per engine and row in all, and the raw 4 KiB `pwrite` +
+/// `fdatasync` reference taking its turns in the 1-writer row. The disk's
+/// rate drifts by a fifth within seconds here; slices this short make the
+/// drift hit every engine alike, which runs minutes apart did not.
+fn sync_rows(root: &Path, plan: &Plan, rep: usize, results: &mut Results) {
+    let args = &plan.args;
+    let dir = root.join("sync");
+    let stores: Vec<Box<dyn Engine>> = args
+        .engines
+        .iter()
+        .map(|name| engines::open(name, &dir.join(name), Durability::Sync))
+        .collect();
+    let raw = RawSync::new(&dir);
+    let slices = (args.seconds / SYNC_SLICE.as_secs_f64()).ceil().max(1.0) as usize;
+    let mut next = vec![0u64; stores.len()];
+    for (metric, writers) in [(Metric::Sync1, 1), (Metric::Sync4, 4)] {
+        progress(&format!(
+            "rep {rep}/{}: sync puts, {writers} writer(s), engines taking turns",
+            args.reps
+        ));
+        // One more turn for the raw reference in the 1-writer row.
+        let turns = stores.len() + usize::from(writers == 1);
+        let mut ops = vec![0u64; turns];
+        let mut time = vec![Duration::ZERO; turns];
+        for round in 0..slices {
+            for k in 0..turns {
+                let j = (round + k) % turns;
+                let (n, t) = match stores.get(j) {
+                    Some(e) => {
+                        sync_puts(e.as_ref(), &plan.values, writers, SYNC_SLICE, &mut next[j])
+                    }
+                    None => raw.run(SYNC_SLICE),
+                };
+                ops[j] += n;
+                time[j] += t;
+            }
+        }
+        for (j, name) in args.engines.iter().enumerate() {
+            record(results, metric, name, rate(ops[j], time[j]));
+        }
+        if writers == 1 {
+            let j = stores.len();
+            record(results, Metric::DiskSync, "disk", rate(ops[j], time[j]));
+        }
+    }
+    for e in stores {
+        e.close();
+    }
+    drop(raw);
+    std::fs::remove_dir_all(&dir).expect("remove sync stores");
+}
+
+/// Files one figure.
+fn record(results: &mut Results, m: Metric, who: &str, v: f64) {
+    results
+        .entry(m)
+        .or_default()
+        .entry(who.to_string())
+        .or_default()
+        .push(v);
+}
+
+/// The disk's own rate of 4 KiB `pwrite` + `fdatasync` into a preallocated
+/// (zero-filled, synced) file: a reference for the sync rows.
+struct RawSync {
+    file: std::fs::File,
+    path: PathBuf,
+    at: std::cell::Cell<u64>,
+}
+
+impl RawSync {
+    const FILE: u64 = 64 << 20;
+
+    fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("sync folder");
+        let path = dir.join("raw-fdatasync");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("raw file");
+        let zeros = vec![0u8; 1 << 20];
+        for i in 0..Self::FILE >> 20 {
+            file.write_all_at(&zeros, i << 20).expect("raw write");
+        }
+        file.sync_all().expect("raw fsync");
+        RawSync {
+            file,
+            path,
+            at: std::cell::Cell::new(0),
+        }
+    }
+
+    fn run(&self, time: Duration) -> (u64, Duration) {
+        let block = [0xA5u8; 4096];
+        let start = Instant::now();
+        let mut ops = 0u64;
+        while start.elapsed() < time {
+            let at = self.at.get();
+            self.file
+                .write_all_at(&block, (at * 4096) % Self::FILE)
+                .expect("raw write");
+            self.file.sync_data().expect("raw fdatasync");
+            self.at.set(at + 1);
+            ops += 1;
+        }
+        (ops, start.elapsed())
+    }
+}
+
+impl Drop for RawSync {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The disk's rate of writing `bytes` sequentially in 1 MiB writes to a
@@ -264,39 +387,6 @@ fn raw_sequential_rate(dir: &Path, bytes: u64) -> f64 {
     r
 }
 
-/// The disk's rate of 4 KiB `pwrite` + `fdatasync` into a preallocated
-/// file for `time`; ops/s. A reference for the sync rows, and a sign of
-/// how busy the disk is.
-fn raw_fdatasync_rate(dir: &Path, time: Duration) -> f64 {
-    const FILE: u64 = 64 << 20;
-    let path = dir.join("raw-fdatasync");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("raw file");
-    let zeros = vec![0u8; 1 << 20];
-    for i in 0..FILE >> 20 {
-        file.write_all_at(&zeros, i << 20).expect("raw write");
-    }
-    file.sync_all().expect("raw fsync");
-    let block = vec![0xA5u8; 4096];
-    let start = Instant::now();
-    let mut ops = 0u64;
-    while start.elapsed() < time {
-        file.write_all_at(&block, (ops * 4096) % FILE)
-            .expect("raw write");
-        file.sync_data().expect("raw fdatasync");
-        ops += 1;
-    }
-    let r = rate(ops, start.elapsed());
-    drop(file);
-    std::fs::remove_file(&path).expect("remove raw file");
-    r
-}
-
 /// Shared inputs of one run.
 struct Plan {
     args: Args,
@@ -315,12 +405,7 @@ fn run_engine(name: &str, root: &Path, plan: &Plan, rep: usize, results: &mut Re
     let mut record = |m: Metric, v: f64| {
         // The disk's reference figures are filed under "disk".
         let who = if m == Metric::DiskWrite { "disk" } else { name };
-        results
-            .entry(m)
-            .or_default()
-            .entry(who.to_string())
-            .or_default()
-            .push(v);
+        record(results, m, who, v);
     };
     let args = &plan.args;
     let n = args.keys;
@@ -425,23 +510,6 @@ fn run_engine(name: &str, root: &Path, plan: &Plan, rep: usize, results: &mut Re
     record(Metric::SpaceClosed, dir_bytes(&main) as f64 / live);
     std::fs::remove_dir_all(&main).expect("remove store");
 
-    // Sync puts, 1 then 4 writers, on a new store.
-    let time = Duration::from_secs_f64(args.seconds);
-    let engine = engines::open(name, &dir.join("sync"), Durability::Sync);
-    let mut next = 0;
-    step("sync puts, 1 writer");
-    record(
-        Metric::Sync1,
-        sync_puts(engine.as_ref(), values, 1, time, &mut next),
-    );
-    step("sync puts, 4 writers");
-    record(
-        Metric::Sync4,
-        sync_puts(engine.as_ref(), values, 4, time, &mut next),
-    );
-    engine.close();
-    std::fs::remove_dir_all(dir.join("sync")).expect("remove store");
-
     // 4 KiB values: a sequential fill made durable at its end, then gets.
     // dkv-cask's target is a fraction of the disk's raw rate, which varies a
     // lot on this machine: measure it right before dkv-cask's fill.
@@ -514,21 +582,7 @@ fn main() {
     let started = Instant::now();
     let mut results = Results::new();
     for rep in 0..args.reps {
-        let mut disk_row = |m: Metric, v: f64| {
-            results
-                .entry(m)
-                .or_default()
-                .entry("disk".into())
-                .or_default()
-                .push(v);
-        };
-        progress(&format!(
-            "rep {}/{}: raw pwrite + fdatasync",
-            rep + 1,
-            args.reps
-        ));
-        let time = Duration::from_secs_f64(args.seconds.min(1.0));
-        disk_row(Metric::DiskSync, raw_fdatasync_rate(root.path(), time));
+        sync_rows(root.path(), &plan, rep + 1, &mut results);
         // Rotate the order each repetition, so no engine always goes first.
         let k = args.engines.len();
         for j in 0..k {

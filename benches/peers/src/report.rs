@@ -52,21 +52,21 @@ fn rows(args: &Args) -> Vec<RowDef> {
         },
         RowDef {
             metric: Metric::Sync1,
-            name: leak(format!("sync puts, 1 writer, {s} s")),
+            name: leak(format!("sync puts, 1 writer, {s} s in 250 ms turns")),
             unit: "ops/s",
             higher_is_better: true,
             target: Target::PeerAtLeast(1.0),
         },
         RowDef {
             metric: Metric::Sync4,
-            name: leak(format!("sync puts, 4 writers, {s} s")),
+            name: leak(format!("sync puts, 4 writers, {s} s in 250 ms turns")),
             unit: "ops/s",
             higher_is_better: true,
             target: Target::PeerAtLeast(2.0),
         },
         RowDef {
             metric: Metric::DiskSync,
-            name: "reference: the disk's raw 4 KiB pwrite + fdatasync, 1 thread, at the start of each repetition",
+            name: "reference: the disk's raw 4 KiB pwrite + fdatasync, 1 thread, taking its turns in the 1-writer row",
             unit: "ops/s",
             higher_is_better: true,
             target: Target::None,
@@ -304,7 +304,7 @@ pub fn render(args: &Args, parent: &Path, results: &Results, took: Duration) -> 
     let _ = writeln!(
         s,
         "{} keys of {} bytes, {}-byte incompressible values ({} keys of 4 KiB for the 4 KiB rows); \
-         {} repetitions, interleaved (each runs every engine, in a rotated order); \
+         {} repetitions, interleaved (each runs every engine, in a rotated order; the sync rows take 250 ms turns); \
          stores under `{}`; {:.0} s in all; {}.",
         args.keys,
         crate::KEY,
