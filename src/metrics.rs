@@ -375,7 +375,10 @@ const GAUGES: [(&str, &str); 17] = [
         "Bytes of overwritten, deleted or framing data (expired keys not counted)",
     ),
     ("written_bytes", "Bytes appended since open"),
-    ("read_bytes", "Bytes read by gets and scans since open"),
+    (
+        "read_bytes",
+        "Bytes of records read by gets, scans, iterators and snapshots since open",
+    ),
     ("fsyncs", "fdatasync calls made by group commit since open"),
     (
         "records_per_fsync",

@@ -1088,6 +1088,9 @@ impl Inner {
                 expire_ts,
             });
         }
+        if bytes > 0 {
+            self.read_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
         Ok((last.map(<[u8]>::to_vec), finished))
     }
 

@@ -275,3 +275,43 @@ fn store_gauges_follow_merges_live_and_dead_bytes() {
             < sample(&before, "dkv_cask_dead_bytes").unwrap() / 2.0
     );
 }
+
+#[test]
+fn read_bytes_counts_the_records_that_gets_and_scans_read() {
+    let registry = Registry::new();
+    let t = temp_store(with_metrics(&registry));
+    // Three pairs of one size, so their records have one length.
+    for k in ["a", "b", "c"] {
+        t.store.put(&[pair(k, "value-of-ten")]).unwrap();
+    }
+    let read = || sample(&exposition(&registry), "dkv_cask_read_bytes").unwrap();
+    assert_eq!(read(), 0.0, "nothing read yet");
+
+    assert_eq!(t.store.get(&[b"b"]).unwrap().len(), 1);
+    let one = read();
+    assert!(
+        one >= 13.0,
+        "a record holds at least its key and value: {one}"
+    );
+    t.store.get(&[b"missing"]).unwrap();
+    assert_eq!(read(), one, "a missing key reads nothing");
+
+    let mut seen = 0;
+    t.store
+        .scan(&dkv_cask::IterationOptions::new(), |_| {
+            seen += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(seen, 3);
+    assert_eq!(read(), 4.0 * one, "a scan of three records reads three");
+
+    let pairs: Vec<_> = t
+        .store
+        .iter(&dkv_cask::IterationOptions::new().with_prefix(b"c".to_vec()))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(read(), 5.0 * one, "an iterator's reads count too");
+}
