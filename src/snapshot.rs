@@ -118,6 +118,7 @@ impl SnapshotReader {
         let start = self.out.len();
         let mut buf = Vec::new();
         let mut bytes = 0;
+        let mut read = 0;
         let mut stopped_at = None;
         for (key, entry) in &merged {
             if bytes >= CHUNK_BYTES {
@@ -132,9 +133,11 @@ impl SnapshotReader {
                 state.read_op(&self.inner.dir, key, entry.pointer, &mut buf)?;
             encode_entry(&mut self.out, key, value, expire_ts);
             bytes += value.len();
+            read += u64::from(entry.pointer.len);
             self.count += 1;
         }
         drop(state);
+        self.inner.count_read(read);
         self.emit(start);
         // Resume before the first key not encoded, or after this range.
         match (stopped_at, upper) {

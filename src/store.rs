@@ -127,7 +127,8 @@ pub(crate) struct Inner {
     metrics: Mutex<Option<crate::metrics::StoreMetrics>>,
     /// Records appended since open.
     pub(crate) records_written: AtomicU64,
-    /// Value bytes read by gets and scans since open.
+    /// Bytes of the records whose pairs gets, scans, iterators and
+    /// snapshots handed out since open (see [`Inner::count_read`]).
     pub(crate) read_bytes: AtomicU64,
     /// The log position at open.
     pub(crate) opened_at: u64,
@@ -739,6 +740,14 @@ impl Store {
 impl Inner {
     /// Runs `f` as operation `op`, recording its latency and failure when
     /// metrics are on.
+    /// Adds `bytes` of records whose pairs were handed out to the
+    /// `read_bytes` metric (a get that fails hands out nothing).
+    pub(crate) fn count_read(&self, bytes: u64) {
+        if bytes > 0 {
+            self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn measured<T>(&self, op: Op, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let Some(stat) = self.stat.get() else {
             return f();
@@ -1080,17 +1089,25 @@ impl Inner {
         // ...then the values, checked and copied.
         out.reserve(found.len(), bytes);
         let mut buf = Vec::new();
+        // The pairs copied before a failing read are handed out too, so
+        // their records count.
+        let mut read = 0;
         for (key, pointer, reader) in found {
-            let (value, expire_ts) = read_op_in(reader, &self.dir, key, pointer, &mut buf)?;
+            let (value, expire_ts) = match read_op_in(reader, &self.dir, key, pointer, &mut buf) {
+                Ok(found) => found,
+                Err(e) => {
+                    self.count_read(read);
+                    return Err(e);
+                }
+            };
             out.push(PairRef {
                 key,
                 value,
                 expire_ts,
             });
+            read += u64::from(pointer.len);
         }
-        if bytes > 0 {
-            self.read_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        }
+        self.count_read(read);
         Ok((last.map(<[u8]>::to_vec), finished))
     }
 
@@ -1414,9 +1431,7 @@ impl KvStore for Store {
                         }
                     }
                 }
-                if read > 0 {
-                    self.inner.read_bytes.fetch_add(read, Ordering::Relaxed);
-                }
+                self.inner.count_read(read);
                 Ok(out)
             },
         )

@@ -277,24 +277,28 @@ fn store_gauges_follow_merges_live_and_dead_bytes() {
 }
 
 #[test]
-fn read_bytes_counts_the_records_that_gets_and_scans_read() {
+fn read_bytes_counts_the_records_whose_pairs_reads_hand_out() {
     let registry = Registry::new();
     let t = temp_store(with_metrics(&registry));
-    // Three pairs of one size, so their records have one length.
-    for k in ["a", "b", "c"] {
-        t.store.put(&[pair(k, "value-of-ten")]).unwrap();
+    // 300 pairs of one size (so their records have one length, and a scan
+    // of them spans several chunks), and one pair already expired.
+    for i in 0..300 {
+        t.store
+            .put(&[pair(format!("k{i:03}"), "value-of-ten")])
+            .unwrap();
     }
+    t.store.put(&[pair_ttl("k999", "value-of-ten", 1)]).unwrap();
     let read = || sample(&exposition(&registry), "dkv_cask_read_bytes").unwrap();
     assert_eq!(read(), 0.0, "nothing read yet");
 
-    assert_eq!(t.store.get(&[b"b"]).unwrap().len(), 1);
+    assert_eq!(t.store.get(&[b"k001"]).unwrap().len(), 1);
     let one = read();
     assert!(
-        one >= 13.0,
+        one >= 16.0,
         "a record holds at least its key and value: {one}"
     );
-    t.store.get(&[b"missing"]).unwrap();
-    assert_eq!(read(), one, "a missing key reads nothing");
+    t.store.get(&[b"missing", b"k999"]).unwrap();
+    assert_eq!(read(), one, "missing and expired keys read nothing");
 
     let mut seen = 0;
     t.store
@@ -303,15 +307,23 @@ fn read_bytes_counts_the_records_that_gets_and_scans_read() {
             true
         })
         .unwrap();
-    assert_eq!(seen, 3);
-    assert_eq!(read(), 4.0 * one, "a scan of three records reads three");
+    assert_eq!(seen, 300);
+    assert_eq!(
+        read(),
+        301.0 * one,
+        "a scan counts every record it hands out"
+    );
 
     let pairs: Vec<_> = t
         .store
-        .iter(&dkv_cask::IterationOptions::new().with_prefix(b"c".to_vec()))
+        .iter(&dkv_cask::IterationOptions::new().with_prefix(b"k00".to_vec()))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(pairs.len(), 1);
-    assert_eq!(read(), 5.0 * one, "an iterator's reads count too");
+    assert_eq!(pairs.len(), 10);
+    assert_eq!(read(), 311.0 * one, "an iterator's reads count too");
+
+    let mut stream = Vec::new();
+    std::io::Read::read_to_end(&mut t.store.get_snapshot().unwrap(), &mut stream).unwrap();
+    assert_eq!(read(), 611.0 * one, "a snapshot reads every live record");
 }

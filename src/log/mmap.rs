@@ -135,9 +135,11 @@ pub(crate) fn prefetch(bytes: &[u8]) {
     prefetch_line(&raw const bytes[last]);
 }
 
-/// Asks for every cache line of `items` at once, as [`prefetch`] does for a
-/// record: for a binary search, whose steps each load what the step before
-/// chose, so that its misses overlap (the index's leaf search, DESIGN.md 4).
+/// Asks for the cache lines of `items` at once, as [`prefetch`] does for a
+/// record: one prefetch per line for items of up to a line (only the first
+/// line of each wider item). For a binary search, whose steps each load
+/// what the step before chose, so that its misses overlap (the index's leaf
+/// search, DESIGN.md 9).
 pub(crate) fn prefetch_all<T>(items: &[T]) {
     const LINE: usize = 64;
     let Some(last) = items.last() else {

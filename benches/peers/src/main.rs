@@ -35,7 +35,8 @@ pub struct Args {
     /// when built with `--features rocksdb`). Default: all built in.
     #[arg(long, value_delimiter = ',')]
     pub engines: Vec<String>,
-    /// Seconds each sync-put row runs.
+    /// Seconds of sync puts per engine and row, in turns of 250 ms (a row
+    /// takes about this times the number of engines, plus one).
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
     /// Random gets per get row (default: as many as keys, at most 500k).
@@ -240,14 +241,22 @@ fn sync_puts(
 }
 
 /// Length of one slice of the sync rows.
-const SYNC_SLICE: Duration = Duration::from_millis(250);
+pub const SYNC_SLICE: Duration = Duration::from_millis(250);
+
+/// How long the sync rows wait after opening every store, and after one
+/// synced put into each, before timing: what an engine starts at open
+/// (dkv-cask zero-fills its next segment in the background) finishes
+/// before the first turn.
+const SYNC_SETTLE: Duration = Duration::from_secs(2);
 
 /// The sync rows of one repetition: every engine's store open at once, the
-/// engines taking turns in slices of [`SYNC_SLICE`] (in a rotated order),
-/// `--seconds` per engine and row in all, and the raw 4 KiB `pwrite` +
-/// `fdatasync` reference taking its turns in the 1-writer row. The disk's
-/// rate drifts by a fifth within seconds here; slices this short make the
-/// drift hit every engine alike, which runs minutes apart did not.
+/// engines taking turns of [`SYNC_SLICE`], each round in a new random order
+/// (so that no engine always follows the same one), `--seconds` per engine
+/// and row in all, and the raw 4 KiB `pwrite` + `fdatasync` reference
+/// taking its turns in the 1-writer row. The disk's rate drifts by a fifth
+/// within seconds here; turns this short make the drift hit every engine
+/// alike, which runs minutes apart did not. During a turn the other stores
+/// take no calls (their own background threads may run).
 fn sync_rows(root: &Path, plan: &Plan, rep: usize, results: &mut Results) {
     let args = &plan.args;
     let dir = root.join("sync");
@@ -257,8 +266,14 @@ fn sync_rows(root: &Path, plan: &Plan, rep: usize, results: &mut Results) {
         .map(|name| engines::open(name, &dir.join(name), Durability::Sync))
         .collect();
     let raw = RawSync::new(&dir);
-    let slices = (args.seconds / SYNC_SLICE.as_secs_f64()).ceil().max(1.0) as usize;
     let mut next = vec![0u64; stores.len()];
+    for (j, e) in stores.iter().enumerate() {
+        e.put(&key(next[j]), plan.values.get(next[j], 9, VALUE));
+        next[j] += 1;
+    }
+    std::thread::sleep(SYNC_SETTLE);
+    let slices = (args.seconds / SYNC_SLICE.as_secs_f64()).ceil().max(1.0) as usize;
+    let mut rng = Rng(0x5EED_0000 + rep as u64);
     for (metric, writers) in [(Metric::Sync1, 1), (Metric::Sync4, 4)] {
         progress(&format!(
             "rep {rep}/{}: sync puts, {writers} writer(s), engines taking turns",
@@ -268,9 +283,9 @@ fn sync_rows(root: &Path, plan: &Plan, rep: usize, results: &mut Results) {
         let turns = stores.len() + usize::from(writers == 1);
         let mut ops = vec![0u64; turns];
         let mut time = vec![Duration::ZERO; turns];
-        for round in 0..slices {
-            for k in 0..turns {
-                let j = (round + k) % turns;
+        for _ in 0..slices {
+            for j in rng.permutation(turns as u64) {
+                let j = j as usize;
                 let (n, t) = match stores.get(j) {
                     Some(e) => {
                         sync_puts(e.as_ref(), &plan.values, writers, SYNC_SLICE, &mut next[j])

@@ -34,6 +34,7 @@ fn rows(args: &Args) -> Vec<RowDef> {
     let k = si(args.keys as f64);
     let bk = si(args.big_keys as f64);
     let s = args.seconds;
+    let turn = crate::SYNC_SLICE.as_millis();
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     vec![
         RowDef {
@@ -52,14 +53,14 @@ fn rows(args: &Args) -> Vec<RowDef> {
         },
         RowDef {
             metric: Metric::Sync1,
-            name: leak(format!("sync puts, 1 writer, {s} s in 250 ms turns")),
+            name: leak(format!("sync puts, 1 writer, {s} s in {turn} ms turns")),
             unit: "ops/s",
             higher_is_better: true,
             target: Target::PeerAtLeast(1.0),
         },
         RowDef {
             metric: Metric::Sync4,
-            name: leak(format!("sync puts, 4 writers, {s} s in 250 ms turns")),
+            name: leak(format!("sync puts, 4 writers, {s} s in {turn} ms turns")),
             unit: "ops/s",
             higher_is_better: true,
             target: Target::PeerAtLeast(2.0),
@@ -304,13 +305,14 @@ pub fn render(args: &Args, parent: &Path, results: &Results, took: Duration) -> 
     let _ = writeln!(
         s,
         "{} keys of {} bytes, {}-byte incompressible values ({} keys of 4 KiB for the 4 KiB rows); \
-         {} repetitions, interleaved (each runs every engine, in a rotated order; the sync rows take 250 ms turns); \
+         {} repetitions, interleaved (each runs every engine, in a rotated order; the sync rows take {} ms turns in random orders); \
          stores under `{}`; {:.0} s in all; {}.",
         args.keys,
         crate::KEY,
         crate::VALUE,
         args.big_keys,
         args.reps,
+        crate::SYNC_SLICE.as_millis(),
         parent.display(),
         took.as_secs_f64(),
         utc_now()
