@@ -82,7 +82,7 @@ impl BackupInfo {
         for f in &self.files {
             s.push_str(&format!("file {} {} {:08x}\n", f.name, f.len, f.crc));
         }
-        let crc = crc32fast::hash(s.as_bytes());
+        let crc = crate::format::crc32(s.as_bytes());
         s.push_str(&format!("crc32 {crc:08x}\n"));
         s
     }
@@ -103,7 +103,7 @@ impl BackupInfo {
             .strip_prefix("crc32 ")
             .and_then(|h| u32::from_str_radix(h, 16).ok())
             .ok_or_else(|| bad("manifest has no checksum line"))?;
-        if crc32fast::hash(body.as_bytes()) != crc {
+        if crate::format::crc32(body.as_bytes()) != crc {
             return Err(bad("manifest checksum does not match"));
         }
         let mut lines = body.lines();
@@ -332,7 +332,7 @@ pub fn verify_backup_with_progress(path: &Path, progress: Progress<'_>) -> Resul
                 reason: format!("{} bytes, the manifest says {}", bytes.len(), f.len),
             });
         }
-        if crc32fast::hash(&bytes) != f.crc {
+        if crate::format::crc32(&bytes) != f.crc {
             return Err(Error::InvalidBackup {
                 path: file,
                 reason: "checksum does not match the manifest".into(),

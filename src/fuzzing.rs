@@ -95,7 +95,7 @@ fn keydir_file_round_trip(data: &[u8]) {
     use crate::format::{KeydirFile, KeydirFileBuilder};
     let mut fixed = data.to_vec();
     if let Some(body) = fixed.len().checked_sub(4) {
-        let crc = crc32fast::hash(&fixed[..body]);
+        let crc = crate::format::crc32(&fixed[..body]);
         fixed[body..].copy_from_slice(&crc.to_le_bytes());
     }
     for bytes in [data, &fixed[..]] {
@@ -241,7 +241,7 @@ fn doctor_keydir_file(dir: &std::path::Path, at: usize, xor: u8) -> bool {
         return false;
     };
     bytes[at % body] ^= xor;
-    let crc = crc32fast::hash(&bytes[..body]);
+    let crc = crate::format::crc32(&bytes[..body]);
     bytes[body..].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, &bytes).is_ok()
 }
@@ -583,7 +583,7 @@ fn made_up_hint(bytes: &[u8], seed: u8) -> Option<Vec<u8>> {
         base_position: header.base_position,
         end_position: end,
         applied: 0,
-        segment_crc: crc32fast::hash(bytes),
+        segment_crc: crate::format::crc32(bytes),
         sample_crc: crate::format::sample_crc(bytes),
     });
     let mut rng = xorshift(seed);

@@ -79,7 +79,7 @@ pub(crate) fn build(bytes: &[u8]) -> Option<Vec<u8>> {
         base_position: header.base_position,
         end_position: end,
         applied,
-        segment_crc: crc32fast::hash(bytes),
+        segment_crc: crate::format::crc32(bytes),
         sample_crc: crate::format::sample_crc(bytes),
     });
     for e in &newest {
@@ -166,7 +166,7 @@ pub(crate) fn check(
         }
     };
     matches(&hint, &header, merge.as_ref(), segment)?;
-    if hint.header.segment_crc != crc32fast::hash(segment) {
+    if hint.header.segment_crc != crate::format::crc32(segment) {
         return Err("the segment's checksum differs from the one its hint recorded".into());
     }
     Ok(true)

@@ -83,11 +83,11 @@ impl PairSink for Chunk {
         self.bytes.reserve(bytes);
     }
 
-    fn push(&mut self, p: PairRef<'_>) {
+    fn push(&mut self, key_and_value: &[u8], key_len: usize, expire_ts: u64) {
+        let value_len = key_and_value.len() - key_len;
         self.pairs
-            .push((self.bytes.len(), p.key.len(), p.value.len(), p.expire_ts));
-        self.bytes.extend_from_slice(p.key);
-        self.bytes.extend_from_slice(p.value);
+            .push((self.bytes.len(), key_len, value_len, expire_ts));
+        self.bytes.extend_from_slice(key_and_value);
     }
 }
 

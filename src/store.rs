@@ -28,7 +28,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::{RecordBuilder, SEGMENT_HEADER_LEN, SegmentKind, decode_op};
+use crate::format::{OP_HEADER_LEN, RecordBuilder, SEGMENT_HEADER_LEN, SegmentKind, decode_op};
 use crate::iter::{Iter, IterationOptions, PairRef};
 use crate::keydir::{KeyDir, KeyEntry, RecordPointer};
 use crate::log::{
@@ -395,14 +395,22 @@ pub(crate) struct ChunkLimits {
 /// CPU's miss buffers, few enough that the lines are still cached when read.
 const GET_WINDOW: usize = 32;
 
+/// How many values ahead of the one it reads a scan asks for cache lines:
+/// a rolling window rather than every value of a chunk at once (up to 128
+/// values, some 400 lines), so that the lines in flight stay within what
+/// the CPU's miss buffers and L1 cache hold (DESIGN.md 9).
+const SCAN_PREFETCH_AHEAD: usize = 12;
+
 /// Where [`Inner::scan_chunk`] copies a chunk's pairs.
 pub(crate) trait PairSink {
     /// Room for `pairs` more pairs of at most `bytes` key and value bytes
     /// in all, asked for once before they come (so a chunk's buffer grows
     /// once, not pair by pair).
     fn reserve(&mut self, pairs: usize, bytes: usize);
-    /// One pair, in key order.
-    fn push(&mut self, pair: PairRef<'_>);
+    /// One pair, in key order: its key (the first `key_len` bytes) and its
+    /// value, back to back as a record holds them, so that one copy takes
+    /// both.
+    fn push(&mut self, key_and_value: &[u8], key_len: usize, expire_ts: u64);
 }
 
 struct Syncer {
@@ -1021,7 +1029,7 @@ impl Inner {
         let bytes = reader
             .sealed_bytes()
             .ok_or_else(|| Error::corruption(id.path_in(&self.dir), 0, "segment is not sealed"))?;
-        let known = (bytes.len() as u64, crc32fast::hash(bytes));
+        let known = (bytes.len() as u64, crate::format::crc32(bytes));
         self.sealed_crcs.lock().insert(id, known);
         Ok(known)
     }
@@ -1050,9 +1058,10 @@ impl Inner {
         let mut bytes = 0;
         // First the chunk's keys, where their values lie and the readers of
         // their segments (looked up once per run of keys in one segment),
-        // each value's cache lines asked for as soon as its place is known,
-        // so that their misses (values of neighbouring keys lie anywhere in
-        // the log) overlap with each other and with the walk of the index...
+        // the first values' cache lines asked for as soon as their places
+        // are known, so that their misses (values of neighbouring keys lie
+        // anywhere in the log) overlap with each other and with the walk of
+        // the index...
         let mut found: Vec<(&[u8], RecordPointer, Option<&SegmentReader>)> =
             Vec::with_capacity(limits.pairs);
         let mut segment: Option<(SegmentId, Option<&SegmentReader>)> = None;
@@ -1080,31 +1089,34 @@ impl Inner {
                     reader
                 }
             };
-            if let Some(r) = reader {
+            if found.len() < SCAN_PREFETCH_AHEAD
+                && let Some(r) = reader
+            {
                 r.prefetch(entry.pointer);
             }
             found.push((key, entry.pointer, reader));
             true
         });
-        // ...then the values, checked and copied.
+        // ...then the values, checked and copied, each read asking for the
+        // lines of the value `SCAN_PREFETCH_AHEAD` places on.
         out.reserve(found.len(), bytes);
         let mut buf = Vec::new();
         // The pairs copied before a failing read are handed out too, so
         // their records count.
         let mut read = 0;
-        for (key, pointer, reader) in found {
-            let (value, expire_ts) = match read_op_in(reader, &self.dir, key, pointer, &mut buf) {
-                Ok(found) => found,
-                Err(e) => {
-                    self.count_read(read);
-                    return Err(e);
-                }
-            };
-            out.push(PairRef {
-                key,
-                value,
-                expire_ts,
-            });
+        for (i, &(key, pointer, reader)) in found.iter().enumerate() {
+            if let Some(&(_, ahead, Some(r))) = found.get(i + SCAN_PREFETCH_AHEAD) {
+                r.prefetch(ahead);
+            }
+            let (key_and_value, expire_ts) =
+                match read_op_in(reader, &self.dir, key, pointer, &mut buf) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        self.count_read(read);
+                        return Err(e);
+                    }
+                };
+            out.push(key_and_value, key.len(), expire_ts);
             read += u64::from(pointer.len);
         }
         self.count_read(read);
@@ -1227,7 +1239,9 @@ impl State {
         pointer: RecordPointer,
         buf: &'a mut Vec<u8>,
     ) -> Result<(&'a [u8], u64)> {
-        read_op_in(self.reader(pointer.segment), dir, key, pointer, buf)
+        let (key_and_value, expire_ts) =
+            read_op_in(self.reader(pointer.segment), dir, key, pointer, buf)?;
+        Ok((&key_and_value[key.len()..], expire_ts))
     }
 
     /// The live entry of `key` (the clock is read only for keys that
@@ -1249,17 +1263,20 @@ fn push_read(
     pointer: RecordPointer,
     reader: Option<&SegmentReader>,
 ) -> Result<u64> {
-    let (value, expire_ts) = read_op_in(reader, dir, key, pointer, buf)?;
+    let (key_and_value, expire_ts) = read_op_in(reader, dir, key, pointer, buf)?;
     out.push(KvPair {
         key: key.to_vec(),
-        value: value.to_vec(),
+        value: key_and_value[key.len()..].to_vec(),
         expire_ts,
     });
     Ok(u64::from(pointer.len))
 }
 
 /// [`State::read_op`] through `reader`, the reader of `pointer.segment`
-/// already looked up (`None`: the segment is not open).
+/// already looked up (`None`: the segment is not open), except that the
+/// value comes with the key before it, as the record holds them: the
+/// operation's key and value, back to back (the key is `key`), and its
+/// expiry.
 fn read_op_in<'a>(
     reader: Option<&'a SegmentReader>,
     dir: &Path,
@@ -1304,11 +1321,11 @@ fn read_op_in<'a>(
         }
     };
     let corrupt = |reason: String| Error::corruption(pointer.segment.path_in(dir), offset, reason);
-    let (op, _) = decode_op(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (op, len) = decode_op(bytes).map_err(|e| corrupt(e.to_string()))?;
     if op.key != key {
         return Err(corrupt("indexed operation holds another key".into()));
     }
-    Ok((op.value, op.expire_ts))
+    Ok((&bytes[OP_HEADER_LEN..len], op.expire_ts))
 }
 
 impl Syncer {
@@ -1397,7 +1414,9 @@ impl KvStore for Store {
                 let clock = &self.inner.options.clock;
                 let state = self.inner.state.read();
                 state.check_open()?;
-                let mut out = Vec::new();
+                // Room for a single get's pair up front (growing an empty
+                // vector by one costs more than allocating it).
+                let mut out = Vec::with_capacity(usize::from(keys.len() == 1));
                 let mut buf = Vec::new();
                 let mut read = 0u64;
                 let dir = &self.inner.dir;

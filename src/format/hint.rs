@@ -171,7 +171,7 @@ impl HintBuilder {
         for s in record_starts {
             self.buf.extend_from_slice(&s.to_le_bytes());
         }
-        let crc = crc32fast::hash(&self.buf);
+        let crc = super::crc32(&self.buf);
         self.buf.extend_from_slice(&crc.to_le_bytes());
         self.buf
     }
@@ -196,7 +196,7 @@ impl<'a> Hint<'a> {
             available: buf.len() as u64,
         })?;
         let (body, crc) = buf.split_at(body_len);
-        if crc32fast::hash(body) != LE::read_u32(crc) {
+        if super::crc32(body) != LE::read_u32(crc) {
             return Err(FormatError::BadPayloadChecksum);
         }
         let h: [u8; HINT_HEADER_LEN] = take(body, 0)?;

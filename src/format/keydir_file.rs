@@ -154,7 +154,7 @@ impl KeydirFileBuilder {
         LE::write_u32(&mut self.buf[12..16], self.segments);
         LE::write_u64(&mut self.buf[16..24], self.starts);
         LE::write_u64(&mut self.buf[24..32], self.keys);
-        let crc = crc32fast::hash(&self.buf);
+        let crc = super::crc32(&self.buf);
         self.buf.extend_from_slice(&crc.to_le_bytes());
         self.buf
     }
@@ -192,7 +192,7 @@ impl<'a> KeydirFile<'a> {
             return Err(FormatError::UnsupportedVersion(version));
         }
         take::<KEYDIR_HEADER_LEN>(body, 0)?;
-        if LE::read_u32(trailer) != crc32fast::hash(body) {
+        if LE::read_u32(trailer) != super::crc32(body) {
             return Err(FormatError::Invalid("keydir file checksum mismatch"));
         }
         let u64_at = |at: usize| LE::read_u64(&body[at..at + 8]);

@@ -115,7 +115,7 @@ impl RecordHeader {
 /// Decodes and verifies a record header at the start of `buf`.
 pub fn decode_header(buf: &[u8]) -> Result<RecordHeader, FormatError> {
     let b: [u8; RECORD_HEADER_LEN] = take(buf, 0)?;
-    if crc32fast::hash(&b[PAYLOAD_LEN..]) != LE::read_u32(&b[HDR_CRC..]) {
+    if super::crc32(&b[PAYLOAD_LEN..]) != LE::read_u32(&b[HDR_CRC..]) {
         return Err(FormatError::BadHeaderChecksum);
     }
     if LE::read_u16(&b[RESERVED16..]) != 0 || LE::read_u32(&b[RESERVED32..]) != 0 {
@@ -248,7 +248,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record<'_>, FormatError> {
         ));
     }
     let payload = &bytes[RECORD_HEADER_LEN..];
-    if crc32fast::hash(payload) != header.payload_crc {
+    if super::crc32(payload) != header.payload_crc {
         return Err(FormatError::BadPayloadChecksum);
     }
     let mut at = RECORD_HEADER_LEN;
@@ -370,7 +370,7 @@ pub fn decode_op(buf: &[u8]) -> Result<(Op<'_>, usize), FormatError> {
         needed: len as u64,
         available: buf.len() as u64,
     })?;
-    if crc32fast::hash(&bytes[OP_KIND..]) != LE::read_u32(&h[OP_CRC..]) {
+    if super::crc32(&bytes[OP_KIND..]) != LE::read_u32(&h[OP_CRC..]) {
         return Err(FormatError::BadOpChecksum);
     }
     if h[OP_RESERVED] != 0 {
@@ -415,7 +415,7 @@ fn encode_op(buf: &mut Vec<u8>, kind: OpKind, key: &[u8], value: &[u8], expire_t
     buf.extend_from_slice(&h);
     buf.extend_from_slice(key);
     buf.extend_from_slice(value);
-    let crc = crc32fast::hash(&buf[at + OP_KIND..]);
+    let crc = super::crc32(&buf[at + OP_KIND..]);
     LE::write_u32(&mut buf[at..at + 4], crc);
     at
 }
@@ -520,7 +520,7 @@ impl RecordBuilder {
     /// number (its end position) and its bytes.
     pub fn stamp(&mut self, start: u64, synced_position: u64) -> (u64, &[u8]) {
         let change_number = start + self.buf.len() as u64;
-        let payload_crc = crc32fast::hash(&self.buf[RECORD_HEADER_LEN..]);
+        let payload_crc = super::crc32(&self.buf[RECORD_HEADER_LEN..]);
         let payload_len = self.payload_len() as u32;
         let h = &mut self.buf[..RECORD_HEADER_LEN];
         LE::write_u32(&mut h[PAYLOAD_LEN..], payload_len);
@@ -532,7 +532,7 @@ impl RecordBuilder {
         LE::write_u32(&mut h[RESERVED32..], 0);
         LE::write_u64(&mut h[CHANGE_NUMBER..], change_number);
         LE::write_u64(&mut h[SYNCED..], synced_position.min(change_number));
-        let crc = crc32fast::hash(&h[PAYLOAD_LEN..]);
+        let crc = super::crc32(&h[PAYLOAD_LEN..]);
         LE::write_u32(&mut h[HDR_CRC..], crc);
         (change_number, &self.buf)
     }
@@ -601,7 +601,7 @@ impl MergedBuilder {
     /// Fills in the header and returns the record's bytes; then call
     /// [`clear`](Self::clear) to build the next one.
     pub fn finish(&mut self) -> &[u8] {
-        let payload_crc = crc32fast::hash(&self.buf[RECORD_HEADER_LEN..]);
+        let payload_crc = super::crc32(&self.buf[RECORD_HEADER_LEN..]);
         let payload_len = (self.buf.len() - RECORD_HEADER_LEN) as u32;
         let h = &mut self.buf[..RECORD_HEADER_LEN];
         h.fill(0);
@@ -610,7 +610,7 @@ impl MergedBuilder {
         h[KIND] = RecordKind::Merged as u8;
         LE::write_u32(&mut h[OP_COUNT..], self.op_count);
         LE::write_u64(&mut h[CHANGE_NUMBER..], self.highest);
-        let crc = crc32fast::hash(&h[PAYLOAD_LEN..]);
+        let crc = super::crc32(&h[PAYLOAD_LEN..]);
         LE::write_u32(&mut h[HDR_CRC..], crc);
         &self.buf
     }

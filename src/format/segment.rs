@@ -87,7 +87,7 @@ impl SegmentHeader {
         LE::write_u16(&mut b[KIND..ID], self.kind as u16);
         LE::write_u32(&mut b[ID..BASE], self.id.0);
         LE::write_u64(&mut b[BASE..RESERVED], self.base_position);
-        let crc = crc32fast::hash(&b[..CRC]);
+        let crc = super::crc32(&b[..CRC]);
         LE::write_u32(&mut b[CRC..], crc);
         b
     }
@@ -98,7 +98,7 @@ impl SegmentHeader {
         if b[MAGIC..VERSION] != SEGMENT_MAGIC {
             return Err(FormatError::BadMagic);
         }
-        if crc32fast::hash(&b[..CRC]) != LE::read_u32(&b[CRC..]) {
+        if super::crc32(&b[..CRC]) != LE::read_u32(&b[CRC..]) {
             return Err(FormatError::BadSegmentHeaderChecksum);
         }
         let version = LE::read_u16(&b[VERSION..KIND]);
@@ -149,7 +149,7 @@ impl MergeHeader {
         let at = |o: usize| o - SEGMENT_HEADER_LEN;
         LE::write_u64(&mut b[at(M_END)..], self.end_position);
         LE::write_u64(&mut b[at(M_APPLIED)..], self.applied);
-        let crc = crc32fast::hash(&b[..at(M_CRC)]);
+        let crc = super::crc32(&b[..at(M_CRC)]);
         LE::write_u32(&mut b[at(M_CRC)..], crc);
         b
     }
@@ -159,7 +159,7 @@ impl MergeHeader {
     pub fn decode(file: &[u8]) -> Result<Self, FormatError> {
         let b: [u8; MERGE_HEADER_LEN] = take(file, SEGMENT_HEADER_LEN)?;
         let at = |o: usize| o - SEGMENT_HEADER_LEN;
-        if crc32fast::hash(&b[..at(M_CRC)]) != LE::read_u32(&b[at(M_CRC)..]) {
+        if super::crc32(&b[..at(M_CRC)]) != LE::read_u32(&b[at(M_CRC)..]) {
             return Err(FormatError::BadSegmentHeaderChecksum);
         }
         if LE::read_u32(&b[at(M_RESERVED)..]) != 0 {

@@ -63,7 +63,7 @@ impl SnapshotHeader {
         LE::write_u64(&mut b[S_CHANGE..], self.change_number);
         LE::write_u64(&mut b[S_APPLIED..], self.applied);
         LE::write_u64(&mut b[S_CREATED..], self.created_unix);
-        let crc = crc32fast::hash(&b[..S_CRC]);
+        let crc = super::crc32(&b[..S_CRC]);
         LE::write_u32(&mut b[S_CRC..], crc);
         b
     }
@@ -74,7 +74,7 @@ impl SnapshotHeader {
         if b[S_MAGIC..S_VERSION] != SNAPSHOT_MAGIC {
             return Err(FormatError::BadMagic);
         }
-        if crc32fast::hash(&b[..S_CRC]) != LE::read_u32(&b[S_CRC..]) {
+        if super::crc32(&b[..S_CRC]) != LE::read_u32(&b[S_CRC..]) {
             return Err(FormatError::BadSegmentHeaderChecksum);
         }
         let version = LE::read_u16(&b[S_VERSION..]);
@@ -102,7 +102,7 @@ pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], expire_ts: u64)
     out.extend_from_slice(&expire_ts.to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(value);
-    let crc = crc32fast::hash(&out[at + ENTRY_FRAME_LEN..]);
+    let crc = super::crc32(&out[at + ENTRY_FRAME_LEN..]);
     out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -117,7 +117,7 @@ pub fn check_body_len(body_len: u32) -> Result<usize, FormatError> {
 
 /// Verifies an entry body against its checksum; returns key, value, expiry.
 pub fn decode_entry_body(body: &[u8], crc: u32) -> Result<(&[u8], &[u8], u64), FormatError> {
-    if crc32fast::hash(body) != crc {
+    if super::crc32(body) != crc {
         return Err(FormatError::BadPayloadChecksum);
     }
     let fixed: [u8; ENTRY_FIXED_LEN] = take(body, 0)?;
