@@ -106,6 +106,13 @@ pub(crate) fn take<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N], For
 #[cfg(test)]
 mod tests {
     #[test]
+    fn the_checksum_is_crc32_ieee() {
+        // The standard check value of CRC-32 (IEEE 802.3).
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(super::crc32(b""), 0);
+    }
+
+    #[test]
     fn the_checksum_is_crc32fasts_for_every_length_and_alignment() {
         let bytes: Vec<u8> = (0..1200u32).map(|i| (i * 31 + 7) as u8).collect();
         for len in (0..300).chain([511, 512, 513, 1024, 1099]) {
