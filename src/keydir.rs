@@ -337,9 +337,18 @@ impl FenceKey {
         }
     }
 
-    /// Whether the key is at or below `key` (any length).
-    fn at_or_below(&self, key: &[u8]) -> bool {
-        self.with_bytes(|b| b <= key)
+    /// Whether the key is at or below `long`, a key longer than
+    /// [`FENCE_INLINE`] whose first bytes are `head` (inline): an inline
+    /// key compares words with `head`, and equal words make it a prefix
+    /// of `long` (its padding matched), so below it; no bytes are copied.
+    fn at_or_below_long(&self, head: &FenceKey, long: &[u8]) -> bool {
+        match (self, head) {
+            (FenceKey::Inline { words, .. }, FenceKey::Inline { words: h, .. }) => {
+                (words[0], words[1], words[2]) <= (h[0], h[1], h[2])
+            }
+            (FenceKey::Heap(b), _) => **b <= *long,
+            (FenceKey::Inline { .. }, FenceKey::Heap(_)) => self.with_bytes(|b| b <= long),
+        }
     }
 
     /// The key's bytes, copied.
@@ -430,7 +439,8 @@ impl Fences {
             let probe = FenceKey::new(key);
             self.below_by(|f| *f <= probe)
         } else {
-            self.below_by(|f| f.at_or_below(key))
+            let head = FenceKey::new(&key[..FENCE_INLINE]);
+            self.below_by(|f| f.at_or_below_long(&head, key))
         }
     }
 

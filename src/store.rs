@@ -398,7 +398,7 @@ const GET_WINDOW: usize = 32;
 /// How many values ahead of the one it reads a scan asks for cache lines:
 /// a rolling window rather than every value of a chunk at once (up to 128
 /// values, some 400 lines), so that the lines in flight stay within what
-/// the CPU's miss buffers and L1 cache hold (DESIGN.md 9).
+/// the CPU's miss buffers and L1 cache hold (DESIGN.md 4, `iterate`).
 const SCAN_PREFETCH_AHEAD: usize = 12;
 
 /// Where [`Inner::scan_chunk`] copies a chunk's pairs.
