@@ -913,6 +913,24 @@ mod tests {
     }
 
     #[test]
+    fn a_long_key_finds_the_inline_fence_that_is_its_prefix() {
+        let full = vec![b'k'; FENCE_INLINE];
+        let zeros = b"k\0\0\0".to_vec();
+        let mut fences = Fences::from_sorted(vec![(FenceKey::new(&[]), 0)]);
+        fences.insert(FenceKey::new(&zeros), 1);
+        fences.insert(FenceKey::new(&full), 2);
+        let below = |key: &[u8]| fences.get(fences.below(key)).1;
+        // Longer than a fence keeps inline, starting with a whole fence.
+        assert_eq!(below(&[full.clone(), b"x".to_vec()].concat()), 2);
+        // Starting with a fence whose zero bytes look like padding.
+        let mut padded = zeros.clone();
+        padded.resize(FENCE_INLINE + 1, 0);
+        assert_eq!(below(&padded), 1);
+        // Just below the first fence's bytes.
+        assert_eq!(below(&[b"j".to_vec(), full].concat()), 0);
+    }
+
+    #[test]
     fn removing_fences_renews_a_blocks_first_merges_small_blocks_and_drops_empty_ones() {
         const B: u32 = FENCE_BLOCK as u32;
         let key = |i: u32| format!("f{i:04}").into_bytes();
