@@ -1280,10 +1280,17 @@ fn read_all_merged(segments: &[Opened]) -> HashMap<SegmentId, MergedRead> {
         })
         .collect();
     let total: usize = merged.iter().map(|m| m.bytes.len()).sum();
+    // Checked first: no thread starts for this little, and
+    // `available_parallelism` may read the cgroup files on every call (it
+    // did with the nightly standard library: 2.5% of the `ops_model` fuzz
+    // target's time, which opens small stores over and over).
+    if merged.len() < 2 || total <= PARALLEL_READ_BYTES {
+        return HashMap::new();
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(merged.len());
-    if threads < 2 || total <= PARALLEL_READ_BYTES {
+    if threads < 2 {
         return HashMap::new();
     }
     // Largest first, each to the thread with the least so far.
