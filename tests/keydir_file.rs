@@ -451,6 +451,50 @@ fn with_save_keydir_off_close_saves_none_and_open_reads_the_hints() {
 }
 
 /// A store of `fill` closed cleanly, and its keydir file's bytes.
+/// The whole preallocated tail after the active segment's recorded end is
+/// checked, not just the bytes next to it: a record that reached the disk
+/// further on (a later block written back before an earlier one) refuses
+/// the file too. The stray bytes lie beyond the file's sampled ends, so
+/// only the zero check can see them. (Regression: the check covered only
+/// the 40 bytes after the recorded end.)
+#[test]
+fn bytes_anywhere_in_the_active_segments_tail_refuse_the_keydir_file() {
+    let options = Options {
+        segment_size: 1 << 20,
+        ..options(SyncMode::Always)
+    };
+    let t = temp_store(options.clone());
+    fill(&t.store, 1);
+    let expected = seen(&t.store);
+    t.store.close().unwrap();
+    let file = fs::read(keydir_path(t.dir.path())).unwrap();
+    let segments = KeydirFile::decode(&file).unwrap().segments;
+    // The active segment: the one whose end is not its length.
+    let active = *segments
+        .iter()
+        .find(|s| s.end_offset < s.file_len)
+        .expect("an active segment with room");
+    let sample = dkv_cask::format::HINT_SAMPLE_LEN as u64;
+    for gap in [41, 4096, 100_000] {
+        let at = active.end_offset + gap;
+        assert!(
+            at >= sample && at + 8 <= active.file_len - sample,
+            "gap {gap}"
+        );
+        let image = copy_store(t.dir.path());
+        let segment = image.path().join(active.id.file_name());
+        let f = fs::OpenOptions::new().write(true).open(&segment).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"stray!!!", at).unwrap();
+        drop(f);
+        let store = reopen(image.path(), options.clone());
+        let report = store.recovery_report();
+        assert!(!report.from_keydir_file, "gap {gap}");
+        let reason = report.keydir_file_unused.as_deref().unwrap_or("");
+        assert!(reason.contains("written after"), "gap {gap}: {reason:?}");
+        assert_same(&seen(&store), &expected, &format!("gap {gap}"));
+    }
+}
+
 fn closed_store_with_keydir(sync_mode: SyncMode) -> (tempfile::TempDir, Vec<u8>) {
     let t = temp_store(options(sync_mode));
     fill(&t.store, 1);

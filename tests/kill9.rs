@@ -18,7 +18,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -116,6 +116,14 @@ fn acknowledged(dir: &Path, round: u64) -> HashMap<String, String> {
     acked
 }
 
+/// The write number `i` of a key `r{round}-t{thread}-{i}`.
+fn batch_index(key: &str) -> u64 {
+    key.rsplit('-')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("a key not of the child's form: {key}"))
+}
+
 #[test]
 fn acknowledged_writes_survive_kill_9_at_random_moments() {
     let iterations: u64 = std::env::var("DKV_KILL_ITERATIONS")
@@ -175,6 +183,26 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
         }
         checked += fresh.len();
         all_acked.extend(fresh);
+        // Batches are all-or-nothing, acknowledged or not: each second key
+        // has its first, and each first key (every fifth write) its second.
+        let keys: HashSet<String> = store
+            .iter(&dkv_cask::IterationOptions::new())
+            .unwrap()
+            .map(|p| String::from_utf8(p.unwrap().key).unwrap())
+            .collect();
+        for key in &keys {
+            if let Some(first) = key.strip_suffix("-b") {
+                assert!(
+                    keys.contains(first),
+                    "round {round}: half a batch ({key} without {first})"
+                );
+            } else if batch_index(key) % 5 == 4 {
+                assert!(
+                    keys.contains(&format!("{key}-b")),
+                    "round {round}: half a batch ({key} without its -b)"
+                );
+            }
+        }
         if round % 50 == 49 {
             // Keep the store small enough for long loops.
             drop(store);
@@ -187,17 +215,6 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
             all_acked.clear();
             reopened.close().unwrap();
             continue;
-        }
-        // Batches are all-or-nothing, acknowledged or not.
-        for p in store.iter(&dkv_cask::IterationOptions::new()).unwrap() {
-            let p = p.unwrap();
-            let key = String::from_utf8(p.key).unwrap();
-            if let Some(first) = key.strip_suffix("-b") {
-                assert!(
-                    value_of(&store, first).is_some(),
-                    "round {round}: half a batch ({key} without {first})"
-                );
-            }
         }
         store.close().unwrap();
     }

@@ -1,8 +1,11 @@
-//! Per-key linearizability: threads put, delete, compare-and-set and get
-//! overlapping keys (while another thread takes backups and merges),
-//! recording when each call started and returned; every key's history must have an order,
+//! Per-key linearizability: eight threads put, delete, compare-and-set and
+//! get overlapping keys and compare-and-set increment a counter (while
+//! another thread takes backups, restores and reads them, and merges),
+//! recording when each call started and returned; every key's history,
+//! each backup a read of every key during its call, must have an order,
 //! consistent with real time, in which a register would give the same
-//! answers (Wing and Gong's search, memoised).
+//! answers (Wing and Gong's search, memoised), and the counter must hold
+//! the number of increments that swapped.
 
 mod common;
 
@@ -96,30 +99,37 @@ fn decode(v: &[u8]) -> u32 {
     u32::from_le_bytes(v.try_into().expect("4-byte values"))
 }
 
+/// The value of key `k` in `store`.
+fn read(store: &Store, k: &[u8]) -> Option<u32> {
+    store.get(&[k]).unwrap().pop().map(|p| decode(&p.value))
+}
+
+/// Backups restored and read per round, at most: each adds a read to every
+/// key's history.
+const BACKUPS_READ: usize = 16;
+
 #[test]
 fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merges() {
     let mut rng = Rng::from_env("linearizability");
     for round in 0..20 {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(
-                dir.path().join("db"),
-                Options {
-                    sync_mode: if round % 2 == 0 {
-                        SyncMode::Always
-                    } else {
-                        SyncMode::Never
-                    },
-                    segment_size: 8 << 10,
-                    retention: dkv_cask::Retention::none(),
-                    ..test_options()
-                },
-            )
-            .unwrap(),
-        );
-        let threads = 4u32;
-        let per_thread = 40u32;
+        let options = Options {
+            sync_mode: if round % 2 == 0 {
+                SyncMode::Always
+            } else {
+                SyncMode::Never
+            },
+            segment_size: 8 << 10,
+            retention: dkv_cask::Retention::none(),
+            ..test_options()
+        };
+        let store = Arc::new(Store::open(dir.path().join("db"), options.clone()).unwrap());
+        let threads = 8u32;
+        let per_thread = 30u32;
+        // Keys `0..keys` take puts, deletes, gets and compare-and-sets; key
+        // `counter` only compare-and-set increments.
         let keys = 4u8;
+        let counter = keys;
         let barrier = Arc::new(Barrier::new(threads as usize + 1));
         let seed = rng.next_u64();
         let handles: Vec<_> = (0..threads)
@@ -129,12 +139,13 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merge
                     let mut rng = Rng::new(seed ^ (u64::from(t + 1) * 0x9E37_79B9));
                     barrier.wait();
                     let mut events = Vec::new();
+                    let mut increments = 0u32;
                     for i in 0..per_thread {
                         let key = rng.below(u64::from(keys)) as u8;
                         let k = [b'k', key];
                         let unique = t * 1000 + i + 1;
                         let start = Instant::now();
-                        let call = match rng.below(10) {
+                        let call = match rng.below(12) {
                             0..=2 => {
                                 store.put(&[pair(k, unique.to_le_bytes())]).unwrap();
                                 Call::Write(Some(unique))
@@ -143,14 +154,10 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merge
                                 store.delete(&k).unwrap();
                                 Call::Write(None)
                             }
-                            4..=6 => {
-                                let got = store.get(&[&k]).unwrap().pop().map(|p| decode(&p.value));
-                                Call::Read(got)
-                            }
-                            _ => {
+                            4..=6 => Call::Read(read(&store, &k)),
+                            7..=9 => {
                                 // Expect what a read just saw (or absence).
-                                let seen =
-                                    store.get(&[&k]).unwrap().pop().map(|p| decode(&p.value));
+                                let seen = read(&store, &k);
                                 let old = if rng.below(4) == 0 { None } else { seen };
                                 let start = Instant::now();
                                 let swapped = store
@@ -169,6 +176,29 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merge
                                 });
                                 continue;
                             }
+                            _ => {
+                                // An increment: read, then swap in one more.
+                                let k = [b'k', counter];
+                                let seen = read(&store, &k);
+                                let next = seen.map_or(1, |v| v + 1);
+                                let start = Instant::now();
+                                let swapped = store
+                                    .compare_and_set(&cas(
+                                        k,
+                                        seen.map(|o| o.to_le_bytes().to_vec()).unwrap_or_default(),
+                                        next.to_le_bytes(),
+                                        0,
+                                    ))
+                                    .unwrap();
+                                increments += u32::from(swapped);
+                                events.push(Event {
+                                    key: counter,
+                                    call: Call::Cas(seen, next, swapped),
+                                    start,
+                                    end: Instant::now(),
+                                });
+                                continue;
+                            }
                         };
                         events.push(Event {
                             key,
@@ -177,18 +207,36 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merge
                             end: Instant::now(),
                         });
                     }
-                    events
+                    (events, increments)
                 })
             })
             .collect();
         // Backups and merges (of everything sealed, the active segment
-        // sealed first) run beside the writers until they finish.
+        // sealed first) run beside the writers until they finish. A
+        // backup is a read of every key at some moment during its call:
+        // restored, what it holds joins each key's history as such a read.
         barrier.wait();
         let mut b = 0;
+        let mut backup_reads = Vec::new();
         while b < 2 || !handles.iter().all(|h| h.is_finished()) {
-            store
-                .backup_to(&dir.path().join(format!("backup-{}", b % 2)))
-                .unwrap();
+            let backup = dir.path().join(format!("backup-{}", b % 2));
+            let start = Instant::now();
+            store.backup_to(&backup).unwrap();
+            let end = Instant::now();
+            if b < BACKUPS_READ {
+                let target = tempfile::tempdir().unwrap();
+                let empty = Store::open(target.path().join("db"), options.clone()).unwrap();
+                let restored = empty.restore_from(&backup).unwrap();
+                for key in 0..=counter {
+                    backup_reads.push(Event {
+                        key,
+                        call: Call::Read(read(&restored, &[b'k', key])),
+                        start,
+                        end,
+                    });
+                }
+                restored.close().unwrap();
+            }
             store.merge().unwrap();
             b += 1;
         }
@@ -201,11 +249,16 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merge
                 .any(|s| s.kind == dkv_cask::format::SegmentKind::Merged),
             "round {round}: nothing was merged"
         );
-        let events: Vec<Event> = handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
-        for key in 0..keys {
+        let (mut events, mut increments) = (backup_reads, 0);
+        for h in handles {
+            let (mine, n) = h.join().unwrap();
+            events.extend(mine);
+            increments += n;
+        }
+        // No increment lost, none counted twice.
+        let total = read(&store, &[b'k', counter]).unwrap_or(0);
+        assert_eq!(total, increments, "round {round}: the counter");
+        for key in 0..=counter {
             let mine: Vec<Event> = events.iter().filter(|e| e.key == key).cloned().collect();
             assert!(
                 linearizable(&mine),
