@@ -672,10 +672,16 @@ pub fn snapshot_stream(data: &[u8]) {
 
 /// `change_records`: arbitrary bytes as length-delimited `ChangeRecord`s
 /// for `save_changes`. No panic; the applied number never goes down, never
-/// passes the last change's number, and a failure is a typed error.
+/// passes the last change's number, and a failure is a typed error. The
+/// store holds exactly the changes applied (each change beyond the number
+/// reached so far, in order, up to the applied number), nothing of the
+/// change that stopped the call or of any after it.
 pub fn change_records(data: &[u8]) {
+    use crate::replication::{ChangeOp, change_ops, last_number};
     use crate::{ChangeApplier, KvStore};
     use prost::Message;
+    use std::collections::BTreeMap;
+    const NOW: u64 = 2_000_000_000;
     let mut changes = Vec::new();
     let mut buf = data;
     while !buf.is_empty() && changes.len() < 64 {
@@ -685,7 +691,11 @@ pub fn change_records(data: &[u8]) {
         }
     }
     let Ok(dir) = scratch_dir() else { return };
-    let store = crate::Store::open(dir.path(), scratch_options()).expect("open a scratch store");
+    let options = crate::Options {
+        clock: crate::Clock::manual(NOW),
+        ..scratch_options()
+    };
+    let store = crate::Store::open(dir.path(), options).expect("open a scratch store");
     let (applied, result) = store.save_changes(&changes);
     let highest = changes
         .iter()
@@ -702,6 +712,53 @@ pub fn change_records(data: &[u8]) {
     assert_eq!(
         store.latest_applied_change_number().expect("applied"),
         applied
+    );
+    // The changes the store applied, into a model of its live pairs.
+    let mut model = BTreeMap::new();
+    let mut reached = 0;
+    let mut stopped = false;
+    for c in &changes {
+        let last = match last_number(c) {
+            Ok(last) if last <= reached => continue, // Already applied.
+            Ok(last) => Some(last),
+            Err(_) => None,
+        };
+        if reached == applied {
+            // The first change not applied: the call stopped here.
+            stopped = true;
+            break;
+        }
+        let last = last.expect("a change with a bad number was applied over");
+        for op in change_ops(c).expect("a change that does not decode was applied over") {
+            match op {
+                ChangeOp::Put {
+                    key,
+                    value,
+                    expire_ts,
+                } if expire_ts == 0 || expire_ts > NOW => {
+                    model.insert(key, value);
+                }
+                ChangeOp::Put { key, .. } | ChangeOp::Delete { key } => {
+                    model.remove(&key);
+                }
+            }
+        }
+        reached = last;
+    }
+    assert_eq!(
+        reached, applied,
+        "the applied number is no applied change's end"
+    );
+    assert_eq!(
+        stopped,
+        result.is_err(),
+        "a call stopped without an error, or the reverse"
+    );
+    let got = all_pairs(&store).expect("iterate");
+    let want: Vec<(Vec<u8>, Vec<u8>)> = model.into_iter().collect();
+    assert_eq!(
+        got, want,
+        "the store does not hold exactly the applied changes"
     );
     if let Err(e) = result {
         assert!(

@@ -156,7 +156,7 @@ fn change_record(record: &Record<'_>) -> ChangeRecord {
 }
 
 /// An operation of a change, ready to apply.
-enum ChangeOp {
+pub(crate) enum ChangeOp {
     Put {
         key: Vec<u8>,
         value: Vec<u8>,
@@ -175,7 +175,7 @@ fn invalid(change_number: u64, reason: impl Into<String>) -> Error {
 }
 
 /// The master's change number a change record brings its applier to.
-fn last_number(change: &ChangeRecord) -> Result<u64> {
+pub(crate) fn last_number(change: &ChangeRecord) -> Result<u64> {
     let n = u64::from(change.number_of_trxns.max(1));
     change
         .change_number
@@ -186,7 +186,7 @@ fn last_number(change: &ChangeRecord) -> Result<u64> {
 
 /// The operations of a change: from its `serialised_form` when that is one
 /// of our records (verified), else from its `trxns` (any DKV master).
-fn change_ops(change: &ChangeRecord) -> Result<Vec<ChangeOp>> {
+pub(crate) fn change_ops(change: &ChangeRecord) -> Result<Vec<ChangeOp>> {
     let cn = change.change_number;
     let last = last_number(change)?;
     let form = &change.serialised_form;
