@@ -427,9 +427,10 @@ fn a_fault_at_every_io_call_of_the_workload_loses_no_acknowledged_write() {
         change_number: 0,
         feed: Vec::new(),
     };
-    let (mut injected, mut after_commit) = (0, 0);
-    for n in (0..calls).step_by(stride) {
-        let kind = if n % 2 == 0 {
+    let (mut injected, mut after_commit, mut past_the_end) = (0, 0, 0);
+    for (i, n) in (0..calls).step_by(stride).enumerate() {
+        // Alternate per run, not by `n`: an even stride would try only one.
+        let kind = if i % 2 == 0 {
             InjectedError::Eio
         } else {
             InjectedError::NoSpace
@@ -444,15 +445,28 @@ fn a_fault_at_every_io_call_of_the_workload_loses_no_acknowledged_write() {
             ops,
         );
         let label = format!("failing call {n} of {calls} with {kind:?}");
+        // The n-th call exists and fails. (A run's count can differ from
+        // the clean run's by a call: the workload's first reopen makes 732
+        // or 733, as background steps the injector does not count, such as
+        // hint writes, race with it. So the last call or two may not exist
+        // in a run, which then ends as the clean run did.)
+        if faults.fired() == 0 {
+            assert!(n + 2 >= calls, "{label}: the fault did not fire");
+            assert!(run.failed.is_none(), "{label}: failed without a fault");
+            let last = &clean.done.last().unwrap().after;
+            assert_eq!(&run.done.last().unwrap().after, last, "{label}");
+            past_the_end += 1;
+            continue;
+        }
         let Some((what, err)) = run.failed else {
-            // The failed call was a best-effort one (a merge's clean-up
-            // after its commit): the workload went on and ended as usual.
+            // The failed call was one whose error the engine ignores by
+            // design (a merge's clean-up after its commit): the workload
+            // went on and ended as usual.
             let last = &clean.done.last().unwrap().after;
             assert_eq!(&run.done.last().unwrap().after, last, "{label}");
             after_commit += 1;
             continue;
         };
-        assert_eq!(faults.fired(), 1, "{label}");
         assert!(is_injected(&err, kind), "{label}: {what} failed with {err}");
         injected += 1;
         let j = run.done.len();
@@ -475,7 +489,7 @@ fn a_fault_at_every_io_call_of_the_workload_loses_no_acknowledged_write() {
         store.close().unwrap();
     }
     println!(
-        "{calls} calls; {injected} faults stopped the workload, {after_commit} hit a best-effort step"
+        "{calls} calls; {injected} faults stopped the workload, {after_commit} failed a call whose error the engine ignores by design, {past_the_end} runs ended before their call"
     );
 }
 

@@ -104,6 +104,26 @@ fn read(store: &Store, k: &[u8]) -> Option<u32> {
     store.get(&[k]).unwrap().pop().map(|p| decode(&p.value))
 }
 
+/// A timed compare-and-set of key `key` from `old` (`None`: create) to
+/// `new`.
+fn compare_and_set(store: &Store, key: u8, old: Option<u32>, new: u32) -> Event {
+    let start = Instant::now();
+    let swapped = store
+        .compare_and_set(&cas(
+            [b'k', key],
+            old.map(|o| o.to_le_bytes().to_vec()).unwrap_or_default(),
+            new.to_le_bytes(),
+            0,
+        ))
+        .unwrap();
+    Event {
+        key,
+        call: Call::Cas(old, new, swapped),
+        start,
+        end: Instant::now(),
+    }
+}
+
 /// Backups restored and read per round, at most: each adds a read to every
 /// key's history.
 const BACKUPS_READ: usize = 16;
@@ -159,44 +179,21 @@ fn every_keys_history_is_linearizable_under_concurrent_writers_backups_and_merge
                                 // Expect what a read just saw (or absence).
                                 let seen = read(&store, &k);
                                 let old = if rng.below(4) == 0 { None } else { seen };
-                                let start = Instant::now();
-                                let swapped = store
-                                    .compare_and_set(&cas(
-                                        k,
-                                        old.map(|o| o.to_le_bytes().to_vec()).unwrap_or_default(),
-                                        unique.to_le_bytes(),
-                                        0,
-                                    ))
-                                    .unwrap();
-                                events.push(Event {
-                                    key,
-                                    call: Call::Cas(old, unique, swapped),
-                                    start,
-                                    end: Instant::now(),
-                                });
+                                events.push(compare_and_set(&store, key, old, unique));
                                 continue;
                             }
                             _ => {
                                 // An increment: read, then swap in one more.
-                                let k = [b'k', counter];
-                                let seen = read(&store, &k);
-                                let next = seen.map_or(1, |v| v + 1);
-                                let start = Instant::now();
-                                let swapped = store
-                                    .compare_and_set(&cas(
-                                        k,
-                                        seen.map(|o| o.to_le_bytes().to_vec()).unwrap_or_default(),
-                                        next.to_le_bytes(),
-                                        0,
-                                    ))
-                                    .unwrap();
-                                increments += u32::from(swapped);
-                                events.push(Event {
-                                    key: counter,
-                                    call: Call::Cas(seen, next, swapped),
-                                    start,
-                                    end: Instant::now(),
-                                });
+                                let seen = read(&store, &[b'k', counter]);
+                                let event = compare_and_set(
+                                    &store,
+                                    counter,
+                                    seen,
+                                    seen.map_or(1, |v| v + 1),
+                                );
+                                increments +=
+                                    u32::from(matches!(event.call, Call::Cas(_, _, true)));
+                                events.push(event);
                                 continue;
                             }
                         };
