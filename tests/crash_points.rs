@@ -446,12 +446,14 @@ fn a_fault_at_every_io_call_of_the_workload_loses_no_acknowledged_write() {
         );
         let label = format!("failing call {n} of {calls} with {kind:?}");
         // The n-th call exists and fails. (A run's count can differ from
-        // the clean run's by a call: the workload's first reopen makes 732
-        // or 733, as background steps the injector does not count, such as
-        // hint writes, race with it. So the last call or two may not exist
-        // in a run, which then ends as the clean run did.)
+        // the clean run's by a call or so: a backup's seal takes the spare
+        // segment only if its background zero fill, which the injector
+        // does not count, is done, else it starts an unpreallocated
+        // segment, which the next reopen zero-fills with a counted write.
+        // So the last few calls may not exist in a run, which then ends as
+        // the clean run did.)
         if faults.fired() == 0 {
-            assert!(n + 2 >= calls, "{label}: the fault did not fire");
+            assert!(n + 8 >= calls, "{label}: the fault did not fire");
             assert!(run.failed.is_none(), "{label}: failed without a fault");
             let last = &clean.done.last().unwrap().after;
             assert_eq!(&run.done.last().unwrap().after, last, "{label}");

@@ -1,6 +1,7 @@
 //! Per-key linearizability: eight threads put, delete, compare-and-set and
 //! get overlapping keys and compare-and-set increment a counter (while
-//! another thread takes backups, restores and reads them, and merges),
+//! another thread takes backups, restores and reads the first 16 of each
+//! round, and merges),
 //! recording when each call started and returned; every key's history,
 //! each backup a read of every key during its call, must have an order,
 //! consistent with real time, in which a register would give the same
