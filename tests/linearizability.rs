@@ -102,7 +102,7 @@ fn decode(v: &[u8]) -> u32 {
 
 /// The value of key `k` in `store`.
 fn read(store: &Store, k: &[u8]) -> Option<u32> {
-    store.get(&[k]).unwrap().pop().map(|p| decode(&p.value))
+    value_of(store, k).map(|v| decode(&v))
 }
 
 /// A timed compare-and-set of key `key` from `old` (`None`: create) to
